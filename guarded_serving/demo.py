@@ -1,0 +1,198 @@
+"""The end-to-end demo: train, encrypt, serve with guards, query with real rows, report.
+
+Everything runs on this machine on the embedded defaults: a master key file created
+with mode 0600 if there is none, the BentoML model store, an API key for a ``demo``
+client, a BentoML server on 127.0.0.1, the held-out German credit rows sent as real
+requests with their true labels sent back as feedback, and the fairness table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import httpx
+
+from guarded_serving import vault
+from guarded_serving.guards.identify import add_client
+from guarded_serving.local_server import LocalServer
+from guarded_serving.policy import Policy
+from guarded_serving.recipes import credit_risk
+from guarded_serving.server import resolve_key_provider
+from guarded_serving.settings import GuardedServingSettings
+from guarded_serving.wrap import MANIFEST_FILE
+
+BATCH_ROWS = 50
+
+
+def run_demo(port: int = 0, echo: Any = print) -> int:
+    settings = GuardedServingSettings()
+    state = settings.master_key_file.parent
+    state.mkdir(parents=True, exist_ok=True)
+
+    echo("== 1. master key")
+    provider = resolve_key_provider(settings)
+    if provider is None:
+        provider = vault.generate_key_file(settings.master_key_file)
+        echo(f"created {settings.master_key_file} (mode 0600), key id {provider.key_id}")
+    else:
+        echo(f"using master key {provider.key_id}")
+
+    echo("\n== 2. reference model")
+    tag = _model_for_key(provider.key_id)
+    if tag is None:
+        tag = credit_risk.run(provider, echo=echo)
+    else:
+        echo(f"reusing {tag}, sealed with this master key ('guarded-serving train credit_risk'")
+        echo("retrains it)")
+
+    keys_file = state / "demo-api-keys.yaml"
+    api_key = add_client(keys_file, "demo")
+    fairness_db = state / "demo-fairness.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{fairness_db}{suffix}").unlink(missing_ok=True)
+    env = {
+        "GUARDED_SERVING_MODELS": json.dumps([tag]),
+        "GUARDED_SERVING_API_KEYS_FILE": str(keys_file.resolve()),
+        "GUARDED_SERVING_FAIRNESS__DB_PATH": str(fairness_db.resolve()),
+        "GUARDED_SERVING_MASTER_KEY_FILE": str(settings.master_key_file.resolve()),
+    }
+
+    echo("\n== 3. serving with guards (bentoml serve on 127.0.0.1)")
+    with LocalServer(env=env, port=port) as server:
+        echo(f"ready at {server.url}")
+        with httpx.Client(
+            base_url=server.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30.0
+        ) as client:
+            _query(client, echo)
+    echo("\nserver stopped")
+    return 0
+
+
+def _model_for_key(key_id: str) -> str | None:
+    """The newest stored credit_risk model sealed with this key, if any."""
+    try:
+        models = bentoml.models.list("credit_risk")
+    except bentoml.exceptions.NotFound:
+        return None
+    for model in sorted(models, key=lambda m: m.info.creation_time, reverse=True):
+        try:
+            manifest = json.loads(Path(model.path_of(MANIFEST_FILE)).read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.get("key_id") == key_id:
+            return str(model.tag)
+    return None
+
+
+def _query(client: httpx.Client, echo: Any) -> None:
+    policy = Policy.from_file(credit_risk.POLICY_FILE)
+    _, _, test = credit_risk.split(credit_risk.load_german_credit(), policy)
+    records = test.features.to_dict("records")
+    context = test.context.to_dict("records")
+    labels = [policy.output.positive_label if t else policy.output.negative_label
+              for t in test.target]  # fmt: skip
+
+    predictions: list[dict[str, Any]] = []
+    for start in range(0, len(records), BATCH_ROWS):
+        reply = client.post(
+            "/predict",
+            json={
+                "records": records[start : start + BATCH_ROWS],
+                "context": context[start : start + BATCH_ROWS],
+            },
+        )
+        reply.raise_for_status()
+        predictions.extend(reply.json()["predictions"])
+    correct = sum(p["label"] == y for p, y in zip(predictions, labels, strict=True))
+    flagged = [i for i, p in enumerate(predictions) if p["guards"]["anomaly"]["verdict"] == "flag"]
+    echo(
+        f"scored {len(predictions)} held-out applicants in {len(records) // BATCH_ROWS} "
+        f"requests: accuracy {correct / len(predictions):.3f}, "
+        f"{len(flagged)} flagged by the anomaly guard"
+    )
+
+    echo("\n== 4. a few answers, with their top SHAP attributions (log-odds)")
+    for i in list(range(3)) + flagged[:1]:
+        _show_prediction(i, records[i], predictions[i], labels[i], policy, echo)
+
+    echo("\n== 5. the guards refusing bad input")
+    bad = dict(records[0], purpose="A499")
+    reply = client.post("/predict", json={"records": [bad]})
+    echo(f"unknown category   -> {reply.status_code} {_error(reply)}")
+    bad = dict(records[0], credit_amount=-5)
+    reply = client.post("/predict", json={"records": [bad]})
+    echo(f"out-of-range value -> {reply.status_code} {_error(reply)}")
+    reply = httpx.post(
+        str(client.base_url.join("/predict")),
+        json={"records": records[:1]},
+        headers={"Authorization": "Bearer not-a-key"},
+    )
+    echo(f"unknown API key    -> {reply.status_code} {_error(reply)}")
+
+    echo("\n== 6. true outcomes arrive later: POST /feedback")
+    reply = client.post(
+        "/feedback",
+        json={"labels": [{"id": p["id"], "label": y}
+                         for p, y in zip(predictions, labels, strict=True)]},
+    )  # fmt: skip
+    reply.raise_for_status()
+    echo(f"accepted {reply.json()['accepted']} labels")
+
+    echo("\n== 7. fairness per protected group: GET /fairness")
+    report = client.get("/fairness").raise_for_status().json()
+    _show_fairness(report, echo)
+
+
+def _show_prediction(
+    index: int, record: dict, prediction: dict, truth: str, policy: Policy, echo: Any
+) -> None:
+    anomaly = prediction["guards"]["anomaly"]
+    score = f", score {anomaly['score']:.2f} / {anomaly['threshold']:.2f}" if "score" in anomaly else ""
+    echo(
+        f"applicant {index}: {prediction['label']} (p={prediction['probability']:.3f}, "
+        f"truth {truth}); anomaly {anomaly['verdict']}{score}"
+    )
+    explanation = prediction["explanation"]
+    top = sorted(explanation["attributions"].items(), key=lambda kv: -abs(kv[1]))[:3]
+    labels = {f.name: getattr(f, "labels", {}) for f in policy.features}
+    for name, value in top:
+        shown = labels[name].get(record[name], record[name]) if labels[name] else record[name]
+        echo(f"    {value:+.3f}  {name} = {shown}")
+    total = explanation["base_value"] + sum(explanation["attributions"].values())
+    echo(
+        f"    base {explanation['base_value']:+.3f} + attributions = {total:+.4f}"
+        f" = margin {explanation['margin']:+.4f}"
+    )
+
+
+def _error(reply: httpx.Response) -> str:
+    body = reply.json()
+    return f"{body.get('code')} ({body.get('field', '')})"
+
+
+def _show_fairness(report: dict, echo: Any) -> None:
+    def fmt(value: float | None) -> str:
+        return "   n/a" if value is None else f"{value:6.3f}"
+
+    for model, model_report in report["models"].items():
+        for attribute, figures in model_report["attributes"].items():
+            echo(f"{model} / {attribute}")
+            echo("  group           n  selected  selection rate (95% CI)   TPR")
+            for group, g in figures["groups"].items():
+                ci = g["selection_rate_ci95"] or [None, None]
+                echo(
+                    f"  {group:<12} {g['n']:4d}  {g['selected']:8d}  {fmt(g['selection_rate'])}"
+                    f" ({fmt(ci[0]).strip()}-{fmt(ci[1]).strip()})   {fmt(g['true_positive_rate'])}"
+                )
+            echo(
+                f"  disparate impact {fmt(figures['disparate_impact_ratio'])}, "
+                f"demographic parity diff {fmt(figures['demographic_parity_difference'])}, "
+                f"equal opportunity diff {fmt(figures['equal_opportunity_difference'])}"
+            )
+            for alert in figures["alerts"]:
+                echo(f"  ALERT {alert['metric']} = {alert['value']:.3f} (threshold {alert['threshold']})")
+            if figures["excluded_groups"]:
+                echo(f"  too few rows to compare: {', '.join(figures['excluded_groups'])}")

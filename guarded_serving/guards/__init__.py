@@ -1,0 +1,1 @@
+"""The request-path guards, one module per stage."""

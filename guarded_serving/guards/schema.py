@@ -1,0 +1,167 @@
+"""Stage 3, validate: every row and its context against the policy's input schema.
+
+Problems are collected for the whole batch and returned together, each naming its
+field (``records[2].duration_months``) and rule, never echoing the offending value.
+
+Known limitations: values are checked one by one against declared types and ranges;
+combinations of individually valid values are the anomaly stage's job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from guarded_serving.encoding import TabularEncoder
+from guarded_serving.errors import InvalidInput, InvalidInputs
+from guarded_serving.policy import CategoricalFeature, NumericFeature, Policy
+from guarded_serving.types import Outcome, ScoringRequest, Verdict
+
+# Stop collecting after this many problems; a hostile batch must not cost much.
+_MAX_PROBLEMS = 50
+
+
+class SchemaGuard:
+    """Validate and normalize raw records and their protected-attribute context."""
+
+    name = "validate"
+
+    def __init__(self, policy: Policy, encoder: TabularEncoder | None = None) -> None:
+        self.policy = policy
+        self.encoder = encoder or TabularEncoder(policy)
+        self._features = {f.name: f for f in policy.features}
+        self._groups = {a.name: set(a.groups) for a in policy.protected_attributes}
+
+    def __call__(self, request: ScoringRequest) -> None:
+        """Fill ``request.records``, ``request.context``, ``request.explain`` and the
+        encoded ``request.matrix``.
+
+        Raises:
+            InvalidInputs: One or more schema violations, all of them listed.
+        """
+        problems: list[InvalidInput] = []
+        records = self._records(request.raw_records, problems)
+        context = self._context(request.raw_context, len(records), problems)
+        if not isinstance(request.raw_explain, bool):
+            problems.append(InvalidInput("explain", "wrong_type", "expected a boolean"))
+        if problems:
+            request.verdicts.append(Verdict(self.name, Outcome.REJECT, problems[0].code))
+            raise InvalidInputs(problems[:_MAX_PROBLEMS])
+        request.records = records
+        request.context = context
+        request.explain = bool(request.raw_explain)
+        request.matrix = self.encoder.encode(records)
+        request.verdicts.append(Verdict(self.name, Outcome.PASS))
+
+    def _records(self, raw: Any, problems: list[InvalidInput]) -> list[dict[str, Any]]:
+        if not isinstance(raw, list):
+            problems.append(InvalidInput("records", "wrong_type", "expected a list of objects"))
+            return []
+        if not raw:
+            problems.append(InvalidInput("records", "empty", "expected at least one record"))
+            return []
+        out = []
+        for i, record in enumerate(raw):
+            where = f"records[{i}]"
+            if not isinstance(record, dict):
+                problems.append(InvalidInput(where, "wrong_type", "expected an object"))
+                continue
+            out.append(self._record(where, record, problems))
+            if len(problems) >= _MAX_PROBLEMS:
+                break
+        return out
+
+    def _record(
+        self, where: str, record: dict[str, Any], problems: list[InvalidInput]
+    ) -> dict[str, Any]:
+        clean: dict[str, Any] = {}
+        for name, feature in self._features.items():
+            field = f"{where}.{name}"
+            if name not in record or record[name] is None:
+                problems.append(InvalidInput(field, "missing_field", "required feature"))
+                continue
+            problem = _check(feature, record[name], field)
+            if problem is not None:
+                problems.append(problem)
+            else:
+                clean[name] = record[name]
+        for name in record:
+            if name not in self._features:
+                problem = (
+                    InvalidInput(
+                        f"{where}.{name}",
+                        "protected_attribute_in_features",
+                        "protected attributes go in 'context', not in the record",
+                    )
+                    if name in self._groups
+                    else InvalidInput(f"{where}.{name}", "unexpected_field", "not a feature")
+                )
+                problems.append(problem)
+        return clean
+
+    def _context(
+        self, raw: Any, n_rows: int, problems: list[InvalidInput]
+    ) -> list[dict[str, str]]:
+        if raw is None:
+            return [{} for _ in range(n_rows)]
+        if not isinstance(raw, list):
+            problems.append(InvalidInput("context", "wrong_type", "expected a list of objects"))
+            return []
+        if len(raw) != n_rows:
+            problems.append(
+                InvalidInput("context", "length_mismatch", "expected one entry per record")
+            )
+            return []
+        out = []
+        for i, entry in enumerate(raw):
+            where = f"context[{i}]"
+            if entry is None:
+                out.append({})
+                continue
+            if not isinstance(entry, dict):
+                problems.append(InvalidInput(where, "wrong_type", "expected an object"))
+                continue
+            clean = {}
+            for name, group in entry.items():
+                field = f"{where}.{name}"
+                allowed = self._groups.get(name)
+                if allowed is None:
+                    problems.append(
+                        InvalidInput(field, "unexpected_field", "not a protected attribute")
+                    )
+                elif group is None:
+                    continue
+                elif not isinstance(group, str):
+                    problems.append(InvalidInput(field, "wrong_type", "expected a string"))
+                elif group not in allowed:
+                    problems.append(
+                        InvalidInput(field, "unknown_group", "not one of the policy's groups")
+                    )
+                else:
+                    clean[name] = group
+            out.append(clean)
+        return out
+
+
+def _check(
+    feature: NumericFeature | CategoricalFeature, value: Any, field: str
+) -> InvalidInput | None:
+    if isinstance(feature, CategoricalFeature):
+        if not isinstance(value, str):
+            return InvalidInput(field, "wrong_type", "expected a string category code")
+        if value not in feature.categories:
+            return InvalidInput(field, "unknown_category", "not one of the policy's categories")
+        return None
+    # bool is an int in Python but never a number on the wire.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        expected = "an integer" if feature.type == "integer" else "a number"
+        return InvalidInput(field, "wrong_type", f"expected {expected}")
+    if not math.isfinite(value):
+        return InvalidInput(field, "not_finite", "NaN and infinity are not allowed")
+    if feature.type == "integer" and not float(value).is_integer():
+        return InvalidInput(field, "not_integer", "expected an integer")
+    if not feature.min <= value <= feature.max:
+        return InvalidInput(
+            field, "out_of_range", f"outside the allowed range [{feature.min:g}, {feature.max:g}]"
+        )
+    return None

@@ -1,0 +1,3 @@
+"""Training recipes for the reference models. They train, then wrap like any user."""
+
+RECIPES = ("credit_risk",)

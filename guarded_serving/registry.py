@@ -1,0 +1,141 @@
+"""The models a server serves: opened from the store, decrypted into memory, ready or not.
+
+A model that fails to open (wrong master key, changed bytes, invalid policy) is kept
+as *not ready* with its reason; the other models still serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import bentoml
+
+from guarded_serving import vault
+from guarded_serving.encoding import TabularEncoder
+from guarded_serving.errors import GuardedServingError, ModelUnavailable, UnknownModel
+from guarded_serving.explain.tree import TreeExplainer
+from guarded_serving.guards.anomaly import AnomalyGuard, KNNAnomalyDetector
+from guarded_serving.guards.schema import SchemaGuard
+from guarded_serving.policy import Policy
+from guarded_serving.runtimes import Runtime, load_runtime
+from guarded_serving.wrap import ARTIFACT_FILE, MANIFEST_FILE, POLICY_FILE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A decrypted model and everything fitted with it, all in memory."""
+
+    name: str
+    version: str
+    policy: Policy
+    runtime: Runtime
+    encoder: TabularEncoder
+    schema: SchemaGuard
+    anomaly: AnomalyGuard
+    explainer: TreeExplainer
+    manifest: dict[str, Any]
+
+
+@dataclass(slots=True)
+class ModelStatus:
+    tag: str
+    name: str
+    version: str | None = None
+    ready: bool = False
+    reason: str | None = None
+    model: LoadedModel | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.name, "version": self.version, "ready": self.ready, "reason": self.reason}
+
+
+def open_model(tag: str, provider: vault.KeyProvider) -> LoadedModel:
+    """Open a wrapped model from the BentoML store, decrypting only into memory.
+
+    Raises:
+        ArtifactError: The master key is wrong or the artifact was changed.
+        ConfigError: The sealed policy is invalid.
+        bentoml.exceptions.NotFound: No such model in the store.
+    """
+    stored = bentoml.models.get(tag)
+    name, version = stored.tag.name, stored.tag.version
+    with open(stored.path_of(ARTIFACT_FILE), "rb") as fh:
+        sealed = fh.read()
+    files = vault.unpack(vault.open_sealed(sealed, name=name, version=version, provider=provider))
+    policy = Policy.from_yaml_text(files[POLICY_FILE].decode(), source=f"{name}:{version} policy")
+    manifest = json.loads(files[MANIFEST_FILE])
+    runtime = load_runtime(manifest["runtime"], files["model.bin"])
+    encoder = TabularEncoder(policy)
+    return LoadedModel(
+        name=name,
+        version=version,
+        policy=policy,
+        runtime=runtime,
+        encoder=encoder,
+        schema=SchemaGuard(policy, encoder),
+        anomaly=AnomalyGuard(
+            KNNAnomalyDetector.from_bytes(files["anomaly.npz"]), policy.guards.anomaly
+        ),
+        explainer=TreeExplainer(runtime, encoder),  # type: ignore[arg-type]
+        manifest=manifest,
+    )
+
+
+class ModelRegistry:
+    """Load every configured model once; route requests by name (and version)."""
+
+    def __init__(self, tags: list[str], provider: vault.KeyProvider | None) -> None:
+        self._by_name: dict[str, ModelStatus] = {}
+        for tag in tags:
+            name = tag.split(":", 1)[0]
+            status = ModelStatus(tag=tag, name=name)
+            self._by_name[name] = status
+            if provider is None:
+                status.reason = "no master key configured"
+                logger.error("model %s not ready: %s", tag, status.reason)
+                continue
+            try:
+                model = open_model(tag, provider)
+            except GuardedServingError as exc:
+                status.reason = exc.message
+            except bentoml.exceptions.NotFound:
+                status.reason = "not found in the model store"
+            else:
+                status.model, status.version, status.ready = model, model.version, True
+                logger.info("model %s:%s ready", name, model.version, extra={"event": "model.ready"})
+                continue
+            logger.error("model %s not ready: %s", tag, status.reason, extra={"event": "model.failed"})
+
+    def statuses(self) -> list[ModelStatus]:
+        return list(self._by_name.values())
+
+    @property
+    def all_ready(self) -> bool:
+        return all(s.ready for s in self._by_name.values())
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        return {n: s.model for n, s in self._by_name.items() if s.model is not None}
+
+    def get(self, name: Any, version: Any = None) -> LoadedModel:
+        """Resolve a request's model; the only served model when ``name`` is omitted.
+
+        Raises:
+            UnknownModel: No such model (or version) is served.
+            ModelUnavailable: It is configured but failed to load.
+        """
+        if name is None and len(self._by_name) == 1:
+            status = next(iter(self._by_name.values()))
+        elif not isinstance(name, str) or name not in self._by_name:
+            raise UnknownModel("no such model is served", field="model")
+        else:
+            status = self._by_name[name]
+        if status.model is None:
+            raise ModelUnavailable("the model is not ready", field="model")
+        if version is not None and version != status.model.version:
+            raise UnknownModel("no such model version is served", field="version")
+        return status.model

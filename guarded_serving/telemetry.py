@@ -1,0 +1,101 @@
+"""Traces and metrics, configured by the standard ``OTEL_*`` environment variables.
+
+The server keeps its own tracer and meter providers (not the global ones, which
+BentoML manages), and exports over OTLP/gRPC when an OTLP endpoint is configured:
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the per-signal ``..._TRACES_ENDPOINT`` and
+``..._METRICS_ENDPOINT``), ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_METRIC_EXPORT_INTERVAL``, ``OTEL_BSP_SCHEDULE_DELAY``; ``OTEL_SDK_DISABLED=true``
+or ``OTEL_TRACES_EXPORTER=none`` / ``OTEL_METRICS_EXPORTER=none`` switch a signal off.
+Without an endpoint both are no-ops and cost next to nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from opentelemetry import metrics, trace
+
+logger = logging.getLogger(__name__)
+
+METER_NAME = "guarded_serving"
+TRACER_NAME = "guarded_serving"
+
+
+def _enabled(signal: str) -> bool:
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get(f"OTEL_{signal}_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    )
+
+
+class Telemetry:
+    """The server's tracer and meter, and their shutdown."""
+
+    def __init__(self, service_name: str = "guarded-serving") -> None:
+        self._tracer_provider = None
+        self._meter_provider = None
+        resource = None
+        if _enabled("TRACES") or _enabled("METRICS"):
+            from opentelemetry.sdk.resources import Resource
+
+            # Resource.create also reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+            resource = Resource.create({"service.name": service_name})
+
+        if _enabled("TRACES"):
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            self._tracer_provider = TracerProvider(resource=resource)
+            self._tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            self.tracer: trace.Tracer = self._tracer_provider.get_tracer(TRACER_NAME)
+            logger.info("exporting traces over OTLP", extra={"event": "telemetry.traces"})
+        else:
+            self.tracer = trace.NoOpTracer()
+
+        if _enabled("METRICS"):
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+            self._meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+            self.meter: metrics.Meter = self._meter_provider.get_meter(METER_NAME)
+            logger.info("exporting metrics over OTLP", extra={"event": "telemetry.metrics"})
+        else:
+            self.meter = metrics.NoOpMeter(METER_NAME)
+
+        self.requests = self.meter.create_counter(
+            "guarded_serving.requests", unit="{request}", description="Scoring requests by outcome"
+        )
+        self.rows = self.meter.create_counter(
+            "guarded_serving.rows", unit="{row}", description="Rows scored"
+        )
+        self.verdicts = self.meter.create_counter(
+            "guarded_serving.guard.verdicts",
+            unit="{verdict}",
+            description="Stage verdicts by stage and outcome",
+        )
+        self.duration = self.meter.create_histogram(
+            "guarded_serving.request.duration", unit="s", description="Time in the pipeline"
+        )
+
+    def count_request(self, attributes: Mapping[str, str], rows: int, duration_s: float) -> None:
+        self.requests.add(1, attributes)
+        if rows:
+            self.rows.add(rows, {"model": attributes.get("model", "")})
+        self.duration.record(duration_s, attributes)
+
+    def shutdown(self) -> None:
+        for provider in (self._tracer_provider, self._meter_provider):
+            if provider is not None:
+                try:
+                    provider.shutdown()
+                except Exception:  # noqa: BLE001 - shutdown must not fail the server's exit
+                    logger.warning("telemetry shutdown failed", exc_info=True)
