@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
 from guarded_serving.errors import GuardedServingError
@@ -111,6 +112,18 @@ def default_stages(
     ]
 
 
+def _parent_context() -> Context | None:
+    """Join the transport's trace when it is sampled; otherwise start a new trace.
+
+    BentoML opens an HTTP span for every request, unsampled unless its own tracing is
+    configured; a parent-based sampler would then drop all of our spans with it.
+    """
+    parent = trace.get_current_span().get_span_context()
+    if parent.is_valid and parent.trace_flags.sampled:
+        return None
+    return Context()
+
+
 class Pipeline:
     """Run the stages in order under one request span, with one child span per stage."""
 
@@ -125,6 +138,7 @@ class Pipeline:
         outcome = "served"
         with tracer.start_as_current_span(
             "guarded_serving.request",
+            context=_parent_context(),
             kind=trace.SpanKind.INTERNAL,
             attributes={"guarded_serving.model": request.model.name,
                         "guarded_serving.model_version": request.model.version,

@@ -44,8 +44,10 @@ class Telemetry:
         if _enabled("TRACES") or _enabled("METRICS"):
             from opentelemetry.sdk.resources import Resource
 
-            # Resource.create also reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
-            resource = Resource.create({"service.name": service_name})
+            # Reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; ours only fills a gap.
+            resource = Resource.create()
+            if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+                resource = resource.merge(Resource({"service.name": service_name}))
 
         if _enabled("TRACES"):
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -48,6 +48,7 @@ class ReceivedSpan:
     scope_name: str = ""
     event_names: tuple[str, ...] = ()
     duration_ns: int = 0
+    start_time_unix_nano: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def _flatten_spans(request: trace_service_pb2.ExportTraceServiceRequest) -> list
                         scope_name=scope_spans.scope.name,
                         event_names=tuple(event.name for event in span.events),
                         duration_ns=span.end_time_unix_nano - span.start_time_unix_nano,
+                        start_time_unix_nano=span.start_time_unix_nano,
                     )
                 )
     return spans

@@ -1,0 +1,213 @@
+"""The HTTP API of a real BentoML server on 127.0.0.1, serving the reference model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import numpy as np
+import pytest
+
+from guarded_serving.policy import Policy
+from guarded_serving.recipes import credit_risk
+from guarded_serving.registry import open_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    policy = Policy.from_file(credit_risk.POLICY_FILE)
+    _, _, test = credit_risk.split(credit_risk.load_german_credit(), policy)
+    return test
+
+
+@pytest.fixture(scope="module")
+def rows(test_split) -> list[dict]:
+    return test_split.features.to_dict("records")
+
+
+def _post(server, path: str, key: str | None, body=None, content: bytes | None = None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if content is not None:
+        headers["Content-Type"] = "application/json"
+        return httpx.post(server.url + path, content=content, headers=headers, timeout=30)
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+
+
+def test_valid_rows_are_answered_with_attributions_that_add_up(
+    server, api_keys, rows, credit_model, master_key
+):
+    reply = _post(server, "/predict", api_keys["alice"], {"records": rows[:40]})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert reply.headers["X-Request-ID"] == body["request_id"]
+    assert len(body["predictions"]) == 40
+
+    local = open_model(credit_model, master_key)
+    margins = local.runtime.predict_margin(local.encoder.encode(rows[:40]))
+    for prediction, margin in zip(body["predictions"], margins, strict=True):
+        explanation = prediction["explanation"]
+        assert explanation["method"] == "tree_shap"
+        assert list(explanation["attributions"]) == local.policy.feature_names
+        total = explanation["base_value"] + sum(explanation["attributions"].values())
+        assert total == pytest.approx(explanation["margin"], abs=1e-5)
+        assert explanation["margin"] == pytest.approx(margin, abs=1e-6)
+        assert prediction["probability"] == pytest.approx(1 / (1 + math.exp(-margin)), abs=1e-6)
+        assert prediction["label"] == ("good" if prediction["probability"] >= 0.5 else "bad")
+        assert prediction["guards"]["anomaly"]["verdict"] in ("pass", "flag")
+
+
+def test_explanations_can_be_turned_off_per_request(server, api_keys, rows):
+    reply = _post(server, "/predict", api_keys["alice"], {"records": rows[:2], "explain": False})
+    assert reply.status_code == 200
+    assert all("explanation" not in p for p in reply.json()["predictions"])
+
+
+def test_anomalous_row_is_flagged_not_dropped(server, api_keys, rows):
+    # Every value is individually valid, but the combination is far from any applicant.
+    odd = dict(rows[0], duration_months=120, credit_amount=100000, existing_credits=10,
+               num_dependents=10)  # fmt: skip
+    reply = _post(server, "/predict", api_keys["alice"], {"records": [rows[1], odd]})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["flagged"] is True
+    verdicts = [p["guards"]["anomaly"]["verdict"] for p in body["predictions"]]
+    assert verdicts == ["pass", "flag"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "code"),
+    [
+        ({"purpose": "A499"}, "records[1].purpose", "unknown_category"),
+        ({"savings": None}, "records[1].savings", "missing_field"),
+        ({"duration_months": "12"}, "records[1].duration_months", "wrong_type"),
+        ({"credit_amount": True}, "records[1].credit_amount", "wrong_type"),
+        ({"credit_amount": -5}, "records[1].credit_amount", "out_of_range"),
+        ({"installment_rate": 2.5}, "records[1].installment_rate", "not_integer"),
+        ({"age": 40}, "records[1].age", "unexpected_field"),
+        ({"sex": "female"}, "records[1].sex", "protected_attribute_in_features"),
+    ],
+)
+def test_invalid_input_gets_422_naming_the_field(server, api_keys, rows, change, field, code):
+    record = {**rows[0], **change}
+    record = {k: v for k, v in record.items() if v is not None}
+    reply = _post(server, "/predict", api_keys["alice"], {"records": [rows[1], record]})
+    assert reply.status_code == 422, reply.text
+    body = reply.json()
+    assert (body["field"], body["code"]) == (field, code)
+    assert body["request_id"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_get_422(server, api_keys, rows, literal):
+    text = json.dumps({"records": [rows[0]]}).replace(
+        f'"credit_amount": {rows[0]["credit_amount"]}', f'"credit_amount": {literal}'
+    )
+    assert literal in text
+    reply = _post(server, "/predict", api_keys["alice"], content=text.encode())
+    assert reply.status_code == 422, reply.text
+    assert (reply.json()["field"], reply.json()["code"]) == ("records[0].credit_amount", "not_finite")
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "code"),
+    [
+        ({"records": []}, "records", "empty"),
+        ({"records": {"a": 1}}, "records", "wrong_type"),
+        ({}, "records", "wrong_type"),
+        ({"records": [1]}, "records[0]", "wrong_type"),
+        ({"records": "ROWS", "explain": "yes"}, "records", "wrong_type"),
+    ],
+)
+def test_malformed_requests_get_422(server, api_keys, body, field, code):
+    reply = _post(server, "/predict", api_keys["alice"], body)
+    assert reply.status_code == 422, reply.text
+    assert (reply.json()["field"], reply.json()["code"]) == (field, code)
+
+
+def test_context_is_checked_against_the_policy_groups(server, api_keys, rows):
+    body = {"records": rows[:2], "context": [{"sex": "female"}, {"sex": "other"}]}
+    reply = _post(server, "/predict", api_keys["alice"], body)
+    assert reply.status_code == 422
+    assert (reply.json()["field"], reply.json()["code"]) == ("context[1].sex", "unknown_group")
+
+
+@pytest.mark.parametrize("content", [b"not json", b"[1, 2]", b'{"records": [', b"\xff\xfe"])
+def test_a_body_that_is_not_a_json_object_gets_400(server, api_keys, content):
+    reply = _post(server, "/predict", api_keys["alice"], content=content)
+    assert reply.status_code == 400
+    assert reply.json()["code"] == "malformed_body"
+
+
+@pytest.mark.parametrize("key", [None, "gsk_not-a-real-key"])
+def test_unknown_or_missing_api_key_gets_401(server, rows, key):
+    reply = _post(server, "/predict", key, {"records": rows[:1]})
+    assert reply.status_code == 401
+    assert reply.json()["code"] == "unauthenticated"
+    assert "predictions" not in reply.json()
+
+
+def test_past_the_client_budget_gets_429_with_retry_after(server, api_keys, rows):
+    tiny = api_keys["tiny"]  # 3 rows per window
+    assert _post(server, "/predict", tiny, {"records": rows[:2]}).status_code == 200
+    assert _post(server, "/predict", tiny, {"records": rows[:1]}).status_code == 200
+    reply = _post(server, "/predict", tiny, {"records": rows[:1]})
+    assert reply.status_code == 429
+    assert reply.json()["code"] == "rate_limited"
+    assert 1 <= int(reply.headers["Retry-After"]) <= 60
+    # Another client's budget is untouched.
+    assert _post(server, "/predict", api_keys["bob"], {"records": rows[:1]}).status_code == 200
+
+
+def test_batch_over_the_policy_limit_gets_422(server, api_keys, rows):
+    reply = _post(server, "/predict", api_keys["bob"], {"records": rows[:1] * 257})
+    assert reply.status_code == 422
+    assert (reply.json()["field"], reply.json()["code"]) == ("records", "batch_too_large")
+
+
+def test_unknown_model_gets_404(server, api_keys, rows):
+    reply = _post(server, "/predict", api_keys["alice"], {"model": "nope", "records": rows[:1]})
+    assert reply.status_code == 404
+    assert (reply.json()["field"], reply.json()["code"]) == ("model", "unknown_model")
+
+
+def test_feedback_rejects_bad_labels_and_reports_unknown_ids(server, api_keys, rows):
+    predicted = _post(server, "/predict", api_keys["alice"], {"records": rows[:2]}).json()
+    ids = [p["id"] for p in predicted["predictions"]]
+    bad = _post(server, "/feedback", api_keys["alice"],
+                {"labels": [{"id": ids[0], "label": "good"}, {"id": ids[1], "label": "maybe"}]})  # fmt: skip
+    assert bad.status_code == 422
+    assert (bad.json()["field"], bad.json()["code"]) == ("labels[1].label", "unknown_label")
+
+    good = _post(server, "/feedback", api_keys["alice"],
+                 {"labels": [{"id": ids[0], "label": "good"}, {"id": "missing-0", "label": "bad"}]})  # fmt: skip
+    assert good.status_code == 200
+    assert good.json()["accepted"] == 1
+    assert good.json()["unknown_ids"] == ["missing-0"]
+    again = _post(server, "/feedback", api_keys["alice"], {"labels": [{"id": ids[0], "label": "bad"}]})
+    assert again.json()["already_labelled_ids"] == [ids[0]]
+
+
+def test_readiness_and_model_status(server, credit_model):
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    status = httpx.get(server.url + "/models").json()
+    assert status == {
+        "ready": True,
+        "models": [{"model": "credit_risk", "version": credit_model.split(":")[1],
+                    "ready": True, "reason": None}],
+    }  # fmt: skip
+
+
+def test_fairness_needs_a_key(server):
+    assert httpx.get(server.url + "/fairness").status_code == 401
+
+
+def test_margins_are_deterministic_across_requests(server, api_keys, rows):
+    first = _post(server, "/predict", api_keys["alice"], {"records": rows[:5]}).json()
+    second = _post(server, "/predict", api_keys["alice"], {"records": rows[:5]}).json()
+    assert np.allclose(
+        [p["probability"] for p in first["predictions"]],
+        [p["probability"] for p in second["predictions"]],
+    )
