@@ -68,18 +68,8 @@ class ApiKeyStore:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ApiKeyStore:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            parsed = ClientsFile.model_validate(data)
-        except OSError as exc:
-            raise ConfigError(f"cannot read API keys file {path}: {exc.strerror}") from None
-        except (yaml.YAMLError, ValidationError):
-            raise ConfigError(
-                f"API keys file {path} must map 'clients' to entries with a 64-hex "
-                "'key_sha256' and an optional positive 'rows_per_window'"
-            ) from None
-        return cls(parsed.clients)
+        """Raises ``ConfigError`` naming the file and the rule when it is not valid."""
+        return cls(_read_clients(Path(path)).clients)
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -90,16 +80,37 @@ class ApiKeyStore:
         return self._by_hash.get(hash_key(api_key))
 
 
+def _read_clients(path: Path) -> ClientsFile:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return ClientsFile.model_validate(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot read API keys file {path}: {exc.strerror}") from None
+    except (yaml.YAMLError, ValidationError):
+        raise ConfigError(
+            f"API keys file {path} must map 'clients' to entries with a 64-hex "
+            "'key_sha256' and an optional positive 'rows_per_window'"
+        ) from None
+
+
 def add_client(path: str | Path, client_id: str, rows_per_window: int | None = None) -> str:
-    """Create a key for ``client_id``, store its hash in ``path`` and return the key once."""
+    """Create a key for ``client_id``, store its hash in ``path`` and return the key once.
+
+    Raises:
+        ConfigError: The file exists but is not a valid keys file, or the budget is
+            not a positive integer.
+    """
     path = Path(path)
-    data = ClientsFile()
-    if path.exists():
-        data = ClientsFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    data = _read_clients(path) if path.exists() else ClientsFile()
     api_key = new_api_key()
-    data.clients[client_id] = ClientEntry(
-        key_sha256=hash_key(api_key), rows_per_window=rows_per_window
-    )
+    try:
+        data.clients[client_id] = ClientEntry(
+            key_sha256=hash_key(api_key), rows_per_window=rows_per_window
+        )
+    except ValidationError:
+        raise ConfigError(
+            f"rows_per_window must be a positive integer (got {rows_per_window})"
+        ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data.model_dump(exclude_none=True)), encoding="utf-8")
     return api_key

@@ -156,9 +156,10 @@ def _check(
     if isinstance(value, bool) or not isinstance(value, int | float):
         expected = "an integer" if feature.type == "integer" else "a number"
         return InvalidInput(field, "wrong_type", f"expected {expected}")
-    if not math.isfinite(value):
+    # Only floats can be NaN or infinite; ints are compared exactly, however large.
+    if isinstance(value, float) and not math.isfinite(value):
         return InvalidInput(field, "not_finite", "NaN and infinity are not allowed")
-    if feature.type == "integer" and not float(value).is_integer():
+    if feature.type == "integer" and isinstance(value, float) and not value.is_integer():
         return InvalidInput(field, "not_integer", "expected an integer")
     if not feature.min <= value <= feature.max:
         return InvalidInput(

@@ -23,10 +23,9 @@ _SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "n
 
 
 def _needles(plaintext_model: bytes) -> list[bytes]:
-    """The whole model and slices from across it, so no partial copy goes unnoticed."""
-    size = 64
-    offsets = [len(plaintext_model) * i // 8 for i in range(1, 8)]
-    return [plaintext_model] + [plaintext_model[o : o + size] for o in offsets]
+    """32-byte slices every 1/32 of the model: any copy of a sixteenth of it has one."""
+    step = max(len(plaintext_model) // 32, 1)
+    return [plaintext_model[o : o + 32] for o in range(0, len(plaintext_model) - 32, step)]
 
 
 def _files(root: Path):
@@ -85,7 +84,8 @@ def test_built_and_exported_bento_holds_no_plaintext_weights(
 
 def test_working_tree_holds_no_plaintext_weights(plaintext_model, tmp_path):
     # The scan itself must find a plaintext copy where there is one.
-    (tmp_path / "leak.bin").write_bytes(b"prefix" + plaintext_model[100:400] + b"suffix")
+    sixteenth = plaintext_model[len(plaintext_model) // 3 :][: len(plaintext_model) // 16]
+    (tmp_path / "leak.bin").write_bytes(b"prefix" + sixteenth + b"suffix")
     assert _holders(tmp_path, _needles(plaintext_model)) == [str(tmp_path / "leak.bin")]
 
     assert _holders(REPO_ROOT, _needles(plaintext_model)) == []
