@@ -150,7 +150,11 @@ def _show_prediction(
     index: int, record: dict, prediction: dict, truth: str, policy: Policy, echo: Any
 ) -> None:
     anomaly = prediction["guards"]["anomaly"]
-    score = f", score {anomaly['score']:.2f} / {anomaly['threshold']:.2f}" if "score" in anomaly else ""
+    score = (
+        f", score {anomaly['score']:.2f} / {anomaly['threshold']:.2f}"
+        if "score" in anomaly
+        else ""
+    )
     echo(
         f"applicant {index}: {prediction['label']} (p={prediction['probability']:.3f}, "
         f"truth {truth}); anomaly {anomaly['verdict']}{score}"
@@ -185,7 +189,8 @@ def _show_fairness(report: dict, echo: Any) -> None:
                 ci = g["selection_rate_ci95"] or [None, None]
                 echo(
                     f"  {group:<12} {g['n']:4d}  {g['selected']:8d}  {fmt(g['selection_rate'])}"
-                    f" ({fmt(ci[0]).strip()}-{fmt(ci[1]).strip()})   {fmt(g['true_positive_rate'])}"
+                    f" ({fmt(ci[0]).strip()}-{fmt(ci[1]).strip()})"
+                    f"   {fmt(g['true_positive_rate'])}"
                 )
             echo(
                 f"  disparate impact {fmt(figures['disparate_impact_ratio'])}, "
@@ -193,6 +198,7 @@ def _show_fairness(report: dict, echo: Any) -> None:
                 f"equal opportunity diff {fmt(figures['equal_opportunity_difference'])}"
             )
             for alert in figures["alerts"]:
-                echo(f"  ALERT {alert['metric']} = {alert['value']:.3f} (threshold {alert['threshold']})")
+                value, threshold = alert["value"], alert["threshold"]
+                echo(f"  ALERT {alert['metric']} = {value:.3f} (threshold {threshold})")
             if figures["excluded_groups"]:
                 echo(f"  too few rows to compare: {', '.join(figures['excluded_groups'])}")

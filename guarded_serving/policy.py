@@ -37,7 +37,9 @@ class NumericFeature(_Strict):
         if not (math.isfinite(self.min) and math.isfinite(self.max)):
             raise ValueError(f"feature {self.name}: min and max must be finite")
         if self.min > self.max:
-            raise ValueError(f"feature {self.name}: min must be <= max (got {self.min} > {self.max})")
+            raise ValueError(
+                f"feature {self.name}: min must be <= max (got {self.min} > {self.max})"
+            )
         return self
 
 
@@ -70,6 +72,12 @@ class ProtectedAttribute(_Strict):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     groups: list[str] = Field(min_length=2)
     description: str = ""
+
+    @model_validator(mode="after")
+    def _groups_are_unique(self) -> ProtectedAttribute:
+        if len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"protected attribute {self.name}: groups must be unique")
+        return self
 
 
 class OutputSpec(_Strict):
@@ -156,8 +164,11 @@ class Policy(_Strict):
         if dupes:
             raise ValueError(f"feature names must be unique (repeated: {', '.join(dupes)})")
         attrs = [a.name for a in self.protected_attributes]
-        if len(set(attrs)) != len(attrs):
-            raise ValueError("protected attribute names must be unique")
+        repeated = sorted({a for a in attrs if attrs.count(a) > 1})
+        if repeated:
+            raise ValueError(
+                f"protected attribute names must be unique (repeated: {', '.join(repeated)})"
+            )
         clash = sorted(set(attrs) & set(names))
         if clash:
             raise ValueError(

@@ -15,7 +15,13 @@ import bentoml
 
 from guarded_serving import vault
 from guarded_serving.encoding import TabularEncoder
-from guarded_serving.errors import GuardedServingError, ModelUnavailable, UnknownModel
+from guarded_serving.errors import (
+    ArtifactError,
+    ConfigError,
+    GuardedServingError,
+    ModelUnavailable,
+    UnknownModel,
+)
 from guarded_serving.explain.tree import TreeExplainer
 from guarded_serving.guards.anomaly import AnomalyGuard, KNNAnomalyDetector
 from guarded_serving.guards.schema import SchemaGuard
@@ -51,7 +57,12 @@ class ModelStatus:
     model: LoadedModel | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.name, "version": self.version, "ready": self.ready, "reason": self.reason}
+        return {
+            "model": self.name,
+            "version": self.version,
+            "ready": self.ready,
+            "reason": self.reason,
+        }
 
 
 def open_model(tag: str, provider: vault.KeyProvider) -> LoadedModel:
@@ -64,8 +75,13 @@ def open_model(tag: str, provider: vault.KeyProvider) -> LoadedModel:
     """
     stored = bentoml.models.get(tag)
     name, version = stored.tag.name, stored.tag.version
-    with open(stored.path_of(ARTIFACT_FILE), "rb") as fh:
-        sealed = fh.read()
+    try:
+        with open(stored.path_of(ARTIFACT_FILE), "rb") as fh:
+            sealed = fh.read()
+    except OSError:
+        raise ArtifactError(
+            f"model {name}:{version} has no readable {ARTIFACT_FILE}; wrap it with guarded-serving"
+        ) from None
     files = vault.unpack(vault.open_sealed(sealed, name=name, version=version, provider=provider))
     policy = Policy.from_yaml_text(files[POLICY_FILE].decode(), source=f"{name}:{version} policy")
     manifest = json.loads(files[MANIFEST_FILE])
@@ -87,12 +103,21 @@ def open_model(tag: str, provider: vault.KeyProvider) -> LoadedModel:
 
 
 class ModelRegistry:
-    """Load every configured model once; route requests by name (and version)."""
+    """Load every configured model once; route requests by name (and version).
+
+    Raises:
+        ConfigError: A tag is malformed, or names a model already listed.
+    """
 
     def __init__(self, tags: list[str], provider: vault.KeyProvider | None) -> None:
         self._by_name: dict[str, ModelStatus] = {}
         for tag in tags:
-            name = tag.split(":", 1)[0]
+            try:
+                name = bentoml.Tag.from_taglike(tag).name
+            except ValueError:
+                raise ConfigError(f"models: {tag!r} is not a valid BentoML model tag") from None
+            if name in self._by_name:
+                raise ConfigError(f"models: {name} is listed more than once (got {tag!r})")
             status = ModelStatus(tag=tag, name=name)
             self._by_name[name] = status
             if provider is None:
@@ -107,9 +132,13 @@ class ModelRegistry:
                 status.reason = "not found in the model store"
             else:
                 status.model, status.version, status.ready = model, model.version, True
-                logger.info("model %s:%s ready", name, model.version, extra={"event": "model.ready"})
+                logger.info(
+                    "model %s:%s ready", name, model.version, extra={"event": "model.ready"}
+                )
                 continue
-            logger.error("model %s not ready: %s", tag, status.reason, extra={"event": "model.failed"})
+            logger.error(
+                "model %s not ready: %s", tag, status.reason, extra={"event": "model.failed"}
+            )
 
     def statuses(self) -> list[ModelStatus]:
         return list(self._by_name.values())

@@ -15,7 +15,6 @@ from typing import Any
 from guarded_serving import vault
 from guarded_serving.errors import GuardedServingError, InvalidInput, InvalidInputs
 from guarded_serving.fairness import (
-    AccumulatorUnavailable,
     FairnessAccumulator,
     FairnessExporter,
     FairnessStore,
@@ -87,7 +86,9 @@ class GuardedServer:
         fairness = settings.fairness
         fairness.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.accumulator = FairnessAccumulator(
-            FairnessStore(fairness.db_path), window_s=fairness.window_s, max_queue=fairness.max_queue
+            FairnessStore(fairness.db_path),
+            window_s=fairness.window_s,
+            max_queue=fairness.max_queue,
         )
         self.accumulator.start()
         self.policies = {name: m.policy for name, m in self.registry.loaded().items()}
@@ -139,13 +140,6 @@ class GuardedServer:
             loaded = self.registry.get(model)
             events = _label_events(labels, loaded.policy.output)
             result = self.accumulator.feedback(events)
-        except AccumulatorUnavailable:
-            return Reply(
-                503,
-                {"error": "fairness accounting is unavailable; retry", "code": "feedback_unavailable",
-                 "request_id": request_id},
-                {"Retry-After": "5"},
-            )  # fmt: skip
         except GuardedServingError as exc:
             return Reply.error(exc, request_id)
         body = {
@@ -219,7 +213,9 @@ def _label_events(labels: Any, output: Any) -> list[LabelEvent]:
     if not isinstance(labels, list) or not labels:
         raise InvalidInput("labels", "wrong_type", "expected a non-empty list of objects")
     if len(labels) > MAX_FEEDBACK_LABELS:
-        raise InvalidInput("labels", "too_many", f"at most {MAX_FEEDBACK_LABELS} labels per request")
+        raise InvalidInput(
+            "labels", "too_many", f"at most {MAX_FEEDBACK_LABELS} labels per request"
+        )
     allowed = (output.positive_label, output.negative_label)
     problems: list[InvalidInput] = []
     events: list[LabelEvent] = []
@@ -233,7 +229,9 @@ def _label_events(labels: Any, output: Any) -> list[LabelEvent]:
             problems.append(InvalidInput(f"{where}.id", "wrong_type", "expected a record id"))
         elif label not in allowed or not isinstance(label, str):
             problems.append(
-                InvalidInput(f"{where}.label", "unknown_label", "expected one of the model's labels")
+                InvalidInput(
+                    f"{where}.label", "unknown_label", "expected one of the model's labels"
+                )
             )
         else:
             events.append(LabelEvent(record_id, int(label == output.favourable)))

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guarded_serving.server import GuardedServer, Reply
 from guarded_serving.settings import GuardedServingSettings
+from guarded_serving.telemetry import install_json_logging
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class GuardedService:
     """Guarded, explained, fairness-monitored model serving."""
 
     def __init__(self) -> None:
+        install_json_logging()
         self.server = GuardedServer(GuardedServingSettings())
         _state["server"] = self.server
 

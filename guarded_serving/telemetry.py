@@ -11,6 +11,7 @@ Without an endpoint both are no-ops and cost next to nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -99,5 +100,35 @@ class Telemetry:
             if provider is not None:
                 try:
                     provider.shutdown()
-                except Exception:  # noqa: BLE001 - shutdown must not fail the server's exit
+                except Exception:
                     logger.warning("telemetry shutdown failed", exc_info=True)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the ``extra`` fields."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def install_json_logging(level: int = logging.INFO) -> None:
+    """Send this package's logs to stderr as JSON lines; for server entry points only."""
+    package = logging.getLogger(METER_NAME)
+    if any(isinstance(h.formatter, JsonLogFormatter) for h in package.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    package.addHandler(handler)
+    package.setLevel(level)
+    package.propagate = False

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 JSONObject = dict[str, Any]
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """A stage's verdict: served as is, served but marked, or refused."""
 
     PASS = "pass"

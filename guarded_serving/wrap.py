@@ -11,8 +11,8 @@ import hashlib
 import json
 import logging
 import platform
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -126,9 +126,7 @@ def wrap_model(
             fh.write(policy_text)
         with open(model.path_of(MANIFEST_FILE), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)
-        model.info.metadata.update(
-            {"runtime": runtime, "key_id": provider.key_id, "format": 1}
-        )
+        model.info.metadata.update({"runtime": runtime, "key_id": provider.key_id, "format": 1})
     logger.info("registered %s", model.tag, extra={"event": "model.registered"})
     return WrapResult(tag=str(model.tag), manifest=manifest)
 

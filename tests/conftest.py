@@ -16,13 +16,13 @@ atexit.register(shutil.rmtree, _BENTOML_HOME, ignore_errors=True)
 for _name in [n for n in os.environ if n.startswith(("GUARDED_SERVING_", "OTEL_"))]:
     del os.environ[_name]
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from guarded_serving import vault  # noqa: E402
-from guarded_serving.guards.identify import add_client  # noqa: E402
-from guarded_serving.local_server import LocalServer  # noqa: E402
+from guarded_serving import vault
+from guarded_serving.guards.identify import add_client
+from guarded_serving.local_server import LocalServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,7 +33,9 @@ class AdmitStage:
     name = "admit"
 
     def __init__(self, storage_uri: str = "memory://") -> None:
-        self._limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(storage_uri))
+        self._limiter = strategies.MovingWindowRateLimiter(
+            storage.storage_from_string(storage_uri)
+        )
 
     def __call__(self, request: ScoringRequest) -> None:
         limits = request.model.policy.limits
@@ -41,9 +43,17 @@ class AdmitStage:
         if rows > limits.max_batch_rows:
             request.verdicts.append(Verdict(self.name, Outcome.REJECT, "batch_too_large"))
             raise InvalidInput(
-                "records", "batch_too_large", f"at most {limits.max_batch_rows} records per request"
+                "records",
+                "batch_too_large",
+                f"at most {limits.max_batch_rows} records per request",
             )
         budget = request.client_rows_per_window or limits.rows_per_window
+        if rows > budget:
+            # It could never be admitted; waiting would not help.
+            request.verdicts.append(Verdict(self.name, Outcome.REJECT, "batch_too_large"))
+            raise InvalidInput(
+                "records", "batch_too_large", "more records than the client's budget per window"
+            )
         item = RateLimitItemPerSecond(budget, limits.window_s)
         keys = (request.model.name, request.client_id or "")
         if self._limiter.hit(item, *keys, cost=max(rows, 1)):

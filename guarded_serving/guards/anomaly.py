@@ -76,7 +76,11 @@ class KNNAnomalyDetector:
         k = self.neighbours
         for start in range(0, z.shape[0], _BLOCK_ROWS):
             block = z[start : start + _BLOCK_ROWS]
-            sq = np.einsum("ij,ij->i", block, block)[:, None] + ref_sq[None, :] - 2.0 * block @ ref.T
+            sq = (
+                np.einsum("ij,ij->i", block, block)[:, None]
+                + ref_sq[None, :]
+                - 2.0 * block @ ref.T
+            )
             np.maximum(sq, 0.0, out=sq)
             nearest = np.partition(sq, k - 1, axis=1)[:, :k]
             out[start : start + len(block)] = np.sqrt(nearest).mean(axis=1)

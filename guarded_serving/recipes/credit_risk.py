@@ -85,9 +85,7 @@ def split(frame: pd.DataFrame, policy: Policy) -> tuple[Split, Split, Split]:
     )
 
 
-def train(
-    policy: Policy, train_split: Split, val_split: Split, rounds: int = 600
-) -> xgb.Booster:
+def train(policy: Policy, train_split: Split, val_split: Split, rounds: int = 600) -> xgb.Booster:
     """Train with early stopping on validation AUC."""
     encoder = TabularEncoder(policy)
     dtrain = xgb.DMatrix(
@@ -148,9 +146,7 @@ def run(provider: vault.KeyProvider, *, echo=print) -> str:
         f"credit_risk: {figures['rows']['train']} train / {figures['rows']['validation']} "
         f"validation / {figures['rows']['test']} test rows, {figures['trees']} trees"
     )
-    echo(
-        f"  test ROC AUC {figures['test_roc_auc']:.4f}, accuracy {figures['test_accuracy']:.4f}"
-    )
+    echo(f"  test ROC AUC {figures['test_roc_auc']:.4f}, accuracy {figures['test_accuracy']:.4f}")
     echo(
         f"  anomaly guard: threshold {anomaly['threshold']:.3f} calibrated on "
         f"{anomaly['calibration_rows']} validation rows for a {anomaly['target_fpr']:.0%} "

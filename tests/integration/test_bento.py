@@ -42,19 +42,29 @@ def _holders(root: Path, needles: list[bytes]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def plaintext_model(credit_model: str, master_key: vault.FileKeyProvider) -> bytes:
-    stored = bentoml.models.get(credit_model)
+def bento_model(master_key: vault.FileKeyProvider) -> str:
+    """A model registered just now, so it is the 'credit_risk:latest' that the build takes."""
+    from guarded_serving.recipes import credit_risk
+
+    return credit_risk.run(master_key, echo=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def plaintext_model(bento_model: str, master_key: vault.FileKeyProvider) -> bytes:
+    stored = bentoml.models.get(bento_model)
     sealed = Path(stored.path_of(ARTIFACT_FILE)).read_bytes()
     files = vault.unpack(
-        vault.open_sealed(sealed, name="credit_risk", version=stored.tag.version, provider=master_key)
+        vault.open_sealed(
+            sealed, name="credit_risk", version=stored.tag.version, provider=master_key
+        )
     )
     return files["model.bin"]
 
 
 def test_built_and_exported_bento_holds_no_plaintext_weights(
-    credit_model, plaintext_model, bentoml_home, tmp_path
+    bento_model, plaintext_model, bentoml_home, tmp_path
 ):
-    assert bentoml.models.get("credit_risk:latest").tag == bentoml.models.get(credit_model).tag
+    assert str(bentoml.models.get("credit_risk:latest").tag) == bento_model
     build = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", str(REPO_ROOT), "--output", "tag"],
         cwd=REPO_ROOT,
@@ -66,7 +76,7 @@ def test_built_and_exported_bento_holds_no_plaintext_weights(
     assert build.returncode == 0, build.stderr
     tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     bento = bentoml.get(tag)
-    assert [str(m.tag) for m in bento.info.all_models] == [credit_model]
+    assert [str(m.tag) for m in bento.info.all_models] == [bento_model]
 
     exported = Path(bentoml.export_bento(tag, str(tmp_path / "guarded_serving.bento")))
     unpacked = tmp_path / "unpacked"

@@ -49,14 +49,15 @@ def _assert_matches(report: dict, frame: pd.DataFrame) -> None:
             assert got["groups"][group]["n"] == int((frame[attribute] == group).sum())
         for group, rate in expected["true_positive_rate"].items():
             assert got["groups"][group]["true_positive_rate"] == pytest.approx(rate, abs=1e-9)
-        for name in ("disparate_impact_ratio", "demographic_parity_difference",
-                     "equal_opportunity_difference"):  # fmt: skip
+        for name in (
+            "disparate_impact_ratio",
+            "demographic_parity_difference",
+            "equal_opportunity_difference",
+        ):
             assert got[name] == pytest.approx(expected[name], abs=1e-9), name
 
 
-def test_accumulator_equals_fairlearn_before_and_after_restart(
-    server_env, api_keys, tmp_path
-):
+def test_accumulator_equals_fairlearn_before_and_after_restart(server_env, api_keys, tmp_path):
     policy = Policy.from_file(credit_risk.POLICY_FILE)
     _, _, test = credit_risk.split(credit_risk.load_german_credit(), policy)
     records = test.features.to_dict("records")
@@ -69,15 +70,26 @@ def test_accumulator_equals_fairlearn_before_and_after_restart(
         client = httpx.Client(base_url=first.url, headers=headers, timeout=30)
         predictions = []
         for start in range(0, len(records), 64):
-            reply = client.post("/predict", json={"records": records[start : start + 64],
-                                                  "context": context[start : start + 64]})  # fmt: skip
+            reply = client.post(
+                "/predict",
+                json={
+                    "records": records[start : start + 64],
+                    "context": context[start : start + 64],
+                },
+            )
             assert reply.status_code == 200, reply.text
             predictions.extend(reply.json()["predictions"])
         # Labels for the first half arrive before the restart, the rest after it.
         half = len(predictions) // 2
-        reply = client.post("/feedback", json={"labels": [
-            {"id": p["id"], "label": y} for p, y in zip(predictions[:half], truth[:half], strict=True)
-        ]})  # fmt: skip
+        reply = client.post(
+            "/feedback",
+            json={
+                "labels": [
+                    {"id": p["id"], "label": y}
+                    for p, y in zip(predictions[:half], truth[:half], strict=True)
+                ]
+            },
+        )
         assert reply.json()["accepted"] == half
 
         frame = pd.DataFrame(context)
@@ -92,9 +104,15 @@ def test_accumulator_equals_fairlearn_before_and_after_restart(
         after_restart = client.get("/fairness").json()
         assert after_restart["models"] == before["models"]
 
-        reply = client.post("/feedback", json={"labels": [
-            {"id": p["id"], "label": y} for p, y in zip(predictions[half:], truth[half:], strict=True)
-        ]})  # fmt: skip
+        reply = client.post(
+            "/feedback",
+            json={
+                "labels": [
+                    {"id": p["id"], "label": y}
+                    for p, y in zip(predictions[half:], truth[half:], strict=True)
+                ]
+            },
+        )
         assert reply.json()["accepted"] == len(predictions) - half
         frame["label"] = [int(y == "good") for y in truth]
         _assert_matches(client.get("/fairness").json(), frame)

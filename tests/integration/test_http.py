@@ -67,8 +67,9 @@ def test_explanations_can_be_turned_off_per_request(server, api_keys, rows):
 
 def test_anomalous_row_is_flagged_not_dropped(server, api_keys, rows):
     # Every value is individually valid, but the combination is far from any applicant.
-    odd = dict(rows[0], duration_months=120, credit_amount=100000, existing_credits=10,
-               num_dependents=10)  # fmt: skip
+    odd = dict(
+        rows[0], duration_months=120, credit_amount=100000, existing_credits=10, num_dependents=10
+    )
     reply = _post(server, "/predict", api_keys["alice"], {"records": [rows[1], odd]})
     assert reply.status_code == 200
     body = reply.json()
@@ -108,7 +109,10 @@ def test_non_finite_numbers_get_422(server, api_keys, rows, literal):
     assert literal in text
     reply = _post(server, "/predict", api_keys["alice"], content=text.encode())
     assert reply.status_code == 422, reply.text
-    assert (reply.json()["field"], reply.json()["code"]) == ("records[0].credit_amount", "not_finite")
+    assert (reply.json()["field"], reply.json()["code"]) == (
+        "records[0].credit_amount",
+        "not_finite",
+    )
 
 
 @pytest.mark.parametrize(
@@ -176,17 +180,27 @@ def test_unknown_model_gets_404(server, api_keys, rows):
 def test_feedback_rejects_bad_labels_and_reports_unknown_ids(server, api_keys, rows):
     predicted = _post(server, "/predict", api_keys["alice"], {"records": rows[:2]}).json()
     ids = [p["id"] for p in predicted["predictions"]]
-    bad = _post(server, "/feedback", api_keys["alice"],
-                {"labels": [{"id": ids[0], "label": "good"}, {"id": ids[1], "label": "maybe"}]})  # fmt: skip
+    bad = _post(
+        server,
+        "/feedback",
+        api_keys["alice"],
+        {"labels": [{"id": ids[0], "label": "good"}, {"id": ids[1], "label": "maybe"}]},
+    )
     assert bad.status_code == 422
     assert (bad.json()["field"], bad.json()["code"]) == ("labels[1].label", "unknown_label")
 
-    good = _post(server, "/feedback", api_keys["alice"],
-                 {"labels": [{"id": ids[0], "label": "good"}, {"id": "missing-0", "label": "bad"}]})  # fmt: skip
+    good = _post(
+        server,
+        "/feedback",
+        api_keys["alice"],
+        {"labels": [{"id": ids[0], "label": "good"}, {"id": "missing-0", "label": "bad"}]},
+    )
     assert good.status_code == 200
     assert good.json()["accepted"] == 1
     assert good.json()["unknown_ids"] == ["missing-0"]
-    again = _post(server, "/feedback", api_keys["alice"], {"labels": [{"id": ids[0], "label": "bad"}]})
+    again = _post(
+        server, "/feedback", api_keys["alice"], {"labels": [{"id": ids[0], "label": "bad"}]}
+    )
     assert again.json()["already_labelled_ids"] == [ids[0]]
 
 
@@ -195,9 +209,15 @@ def test_readiness_and_model_status(server, credit_model):
     status = httpx.get(server.url + "/models").json()
     assert status == {
         "ready": True,
-        "models": [{"model": "credit_risk", "version": credit_model.split(":")[1],
-                    "ready": True, "reason": None}],
-    }  # fmt: skip
+        "models": [
+            {
+                "model": "credit_risk",
+                "version": credit_model.split(":")[1],
+                "ready": True,
+                "reason": None,
+            }
+        ],
+    }
 
 
 def test_fairness_needs_a_key(server):

@@ -30,16 +30,22 @@ def test_spans_and_fairness_metrics_arrive(server_env, api_keys, tmp_path):
         with LocalServer(env=env, cwd=tmp_path) as server:
             reply = httpx.post(
                 server.url + "/predict",
-                json={"records": test.features.to_dict("records")[:4],
-                      "context": test.context.to_dict("records")[:4]},
+                json={
+                    "records": test.features.to_dict("records")[:4],
+                    "context": test.context.to_dict("records")[:4],
+                },
                 headers={"Authorization": f"Bearer {api_keys['alice']}"},
-            )  # fmt: skip
+            )
             assert reply.status_code == 200
             request_id = reply.json()["request_id"]
 
             def request_spans(r: OtlpReceiver) -> list:
-                roots = [s for s in r.spans() if s.name == "guarded_serving.request"
-                         and s.attributes.get("guarded_serving.request_id") == request_id]  # fmt: skip
+                roots = [
+                    s
+                    for s in r.spans()
+                    if s.name == "guarded_serving.request"
+                    and s.attributes.get("guarded_serving.request_id") == request_id
+                ]
                 if not roots:
                     return []
                 root = roots[0]
@@ -55,7 +61,9 @@ def test_spans_and_fairness_metrics_arrive(server_env, api_keys, tmp_path):
             ordered = sorted(children, key=lambda s: s.start_time_unix_nano)
             assert [c.attributes["guarded_serving.stage"] for c in ordered] == STAGES
             assert [c.name for c in ordered] == [f"guarded_serving.stage.{s}" for s in STAGES]
-            assert all(c.attributes["guarded_serving.verdict"] in ("pass", "flag") for c in ordered)
+            assert all(
+                c.attributes["guarded_serving.verdict"] in ("pass", "flag") for c in ordered
+            )
 
             def fairness_points(r: OtlpReceiver) -> dict:
                 return {

@@ -1,30 +1,19 @@
 """Shared unit-test fixtures: the credit-risk policy, a valid record, one trained model.
 
-The recipe trains and registers the credit-risk model once per session, in a BentoML
-store under a temporary ``BENTOML_HOME`` (the top-level conftest sets it; this file
-sets one only if it is missing, before anything imports bentoml).
+The recipe trains and registers the credit-risk model once per session, in the
+temporary BentoML store that the top-level conftest sets up.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
+from dataclasses import dataclass
+from typing import Any
 
-if not os.environ.get("BENTOML_HOME"):
-    _home = tempfile.mkdtemp(prefix="gs-unit-bentoml-")
-    os.environ["BENTOML_HOME"] = _home
-    atexit.register(shutil.rmtree, _home, ignore_errors=True)
+import pytest
 
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import pytest  # noqa: E402
-
-from guarded_serving import vault  # noqa: E402
-from guarded_serving.policy import Policy  # noqa: E402
-from guarded_serving.recipes import credit_risk  # noqa: E402
+from guarded_serving import vault
+from guarded_serving.policy import Policy
+from guarded_serving.recipes import credit_risk
 
 CREDIT_RECORD: dict[str, Any] = {
     "checking_status": "A11",
@@ -49,7 +38,7 @@ CREDIT_RECORD: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class TrainedModel:
+class RecipeRun:
     """A model the recipe registered, the key it is sealed under, and what it printed."""
 
     tag: str
@@ -69,13 +58,14 @@ def credit_record() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def master_key(tmp_path_factory: pytest.TempPathFactory) -> vault.FileKeyProvider:
-    return vault.generate_key_file(tmp_path_factory.mktemp("keys") / "master.key")
+def sealing_key(tmp_path_factory: pytest.TempPathFactory) -> vault.FileKeyProvider:
+    """The master key of the unit tests' models (apart from the integration tests' one)."""
+    return vault.generate_key_file(tmp_path_factory.mktemp("unit-keys") / "master.key")
 
 
 @pytest.fixture(scope="session")
-def credit_model(master_key: vault.FileKeyProvider) -> TrainedModel:
+def credit_run(sealing_key: vault.FileKeyProvider) -> RecipeRun:
     """The credit-risk recipe run once for the whole session."""
     echoed: list[str] = []
-    tag = credit_risk.run(master_key, echo=echoed.append)
-    return TrainedModel(tag=tag, provider=master_key, echoed=tuple(echoed))
+    tag = credit_risk.run(sealing_key, echo=echoed.append)
+    return RecipeRun(tag=tag, provider=sealing_key, echoed=tuple(echoed))

@@ -67,7 +67,9 @@ def test_encode_passes_numbers_and_one_hot_encodes_categories() -> None:
 
 
 def test_every_category_gets_its_own_column() -> None:
-    records = [{"age": 1, "colour": c, "income": 1.0, "owner": "no"} for c in ("red", "green", "blue")]
+    records = [
+        {"age": 1, "colour": c, "income": 1.0, "owner": "no"} for c in ("red", "green", "blue")
+    ]
 
     matrix = TabularEncoder(SMALL).encode(records)
 

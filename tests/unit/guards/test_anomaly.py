@@ -163,9 +163,7 @@ def test_guard_flags_anomalous_rows_when_the_action_is_flag(
 def test_guard_rejects_naming_the_first_anomalous_row_when_the_action_is_reject(
     detector: KNNAnomalyDetector,
 ) -> None:
-    rows = np.array(
-        [[10.0, -3.0, 0.0, 250.0], [10.0, -3.0, 0.0, 1e6], [1e3, -3.0, 0.0, 250.0]]
-    )
+    rows = np.array([[10.0, -3.0, 0.0, 250.0], [10.0, -3.0, 0.0, 1e6], [1e3, -3.0, 0.0, 250.0]])
     request = _request(rows)
 
     with pytest.raises(GuardRejected) as caught:

@@ -73,7 +73,11 @@ def test_valid_record_passes_and_fills_the_request(
 
 
 def test_valid_context_is_kept_per_row(guard: SchemaGuard, credit_record: dict[str, Any]) -> None:
-    context = [{"sex": "female", "age_band": "under_25"}, None, {"sex": None, "age_band": "25_and_over"}]
+    context = [
+        {"sex": "female", "age_band": "under_25"},
+        None,
+        {"sex": None, "age_band": "25_and_over"},
+    ]
     request = _request([credit_record] * 3, context=context)
 
     guard(request)
@@ -133,7 +137,9 @@ def test_bad_feature_value_is_named_by_field_and_code(
 
 
 @pytest.mark.parametrize("absent", [_UNSET, None])
-def test_missing_feature(guard: SchemaGuard, credit_record: dict[str, Any], absent: object) -> None:
+def test_missing_feature(
+    guard: SchemaGuard, credit_record: dict[str, Any], absent: object
+) -> None:
     record = dict(credit_record)
     if absent is _UNSET:
         del record["housing"]

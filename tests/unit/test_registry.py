@@ -1,0 +1,208 @@
+"""The model registry: opening sealed models, and keeping failures as 'not ready'."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+import pytest
+
+from guarded_serving import vault
+from guarded_serving.errors import ArtifactTampered, ModelUnavailable, UnknownModel, WrongMasterKey
+from guarded_serving.recipes import credit_risk
+from guarded_serving.registry import LoadedModel, ModelRegistry, open_model
+from guarded_serving.types import ScoringRequest
+from guarded_serving.wrap import ARTIFACT_FILE, MANIFEST_FILE
+
+
+@pytest.fixture(scope="module")
+def other_key(tmp_path_factory: pytest.TempPathFactory) -> vault.FileKeyProvider:
+    return vault.generate_key_file(tmp_path_factory.mktemp("other-key") / "master.key")
+
+
+@pytest.fixture(scope="module")
+def spare_model(sealing_key: vault.FileKeyProvider) -> str:
+    """A second registered version, for tests that change its stored files."""
+    return credit_risk.run(sealing_key, echo=lambda _: None)
+
+
+def _artifact(tag: str) -> Path:
+    return Path(bentoml.models.get(tag).path_of(ARTIFACT_FILE))
+
+
+@pytest.fixture
+def tampered_artifact(spare_model: str) -> Iterator[tuple[str, Path, bytes]]:
+    """The spare model's artifact path and bytes, restored after the test."""
+    path = _artifact(spare_model)
+    original = path.read_bytes()
+    yield spare_model, path, original
+    path.write_bytes(original)
+
+
+def test_open_model_decrypts_a_working_model(
+    credit_run: Any, credit_record: dict[str, Any]
+) -> None:
+    model = open_model(credit_run.tag, credit_run.provider)
+
+    name, version = credit_run.tag.split(":")
+    assert (model.name, model.version) == (name, version)
+    assert model.policy.model == "credit_risk"
+    stored = bentoml.models.get(credit_run.tag)
+    with open(stored.path_of(MANIFEST_FILE), encoding="utf-8") as fh:
+        on_disk = json.load(fh)
+    assert model.manifest["model_sha256"] == on_disk["model_sha256"]
+    assert model.manifest["calibration"] == on_disk["calibration"]
+
+    request = ScoringRequest("req-1", model, None, [credit_record] * 2)
+    model.schema(request)
+    model.anomaly(request)
+    model.explainer(request)
+    margins = model.runtime.predict_margin(request.matrix)
+    assert margins.shape == (2,) and np.all(np.isfinite(margins))
+    assert request.explanations is not None
+    explanation = request.explanations[0]
+    total = explanation.base_value + sum(explanation.attributions.values())
+    assert total == pytest.approx(margins[0], abs=1e-5)
+
+
+def test_registry_serves_a_good_model(credit_run: Any) -> None:
+    registry = ModelRegistry([credit_run.tag], credit_run.provider)
+
+    assert registry.all_ready
+    [status] = registry.statuses()
+    assert (status.name, status.ready, status.reason) == ("credit_risk", True, None)
+    assert status.version == credit_run.tag.split(":")[1]
+    assert isinstance(registry.get("credit_risk"), LoadedModel)
+    # The only served model is the default, and its own version resolves.
+    assert registry.get(None) is registry.get("credit_risk", status.version)
+    assert set(registry.loaded()) == {"credit_risk"}
+
+
+def test_wrong_master_key_leaves_the_model_not_ready(
+    credit_run: Any, other_key: vault.FileKeyProvider
+) -> None:
+    with pytest.raises(WrongMasterKey):
+        open_model(credit_run.tag, other_key)
+
+    registry = ModelRegistry([credit_run.tag], other_key)
+
+    assert not registry.all_ready
+    [status] = registry.statuses()
+    assert not status.ready and status.model is None
+    assert status.reason is not None and "master key" in status.reason
+    assert registry.loaded() == {}
+    with pytest.raises(ModelUnavailable) as caught:
+        registry.get("credit_risk")
+    assert (caught.value.code, caught.value.status_code) == ("model_unavailable", 503)
+    assert status.to_dict() == {
+        "model": "credit_risk",
+        "version": None,
+        "ready": False,
+        "reason": status.reason,
+    }
+
+
+def test_no_master_key_leaves_the_model_not_ready(credit_run: Any) -> None:
+    registry = ModelRegistry([credit_run.tag], None)
+
+    [status] = registry.statuses()
+    assert not status.ready
+    assert status.reason is not None and "master key" in status.reason
+    with pytest.raises(ModelUnavailable):
+        registry.get("credit_risk")
+
+
+@pytest.mark.parametrize("where", ["payload-start", "payload-middle", "gcm-tag", "wrapped-key"])
+def test_a_flipped_byte_leaves_the_model_not_ready(
+    tampered_artifact: tuple[str, Path, bytes], sealing_key: vault.FileKeyProvider, where: str
+) -> None:
+    tag, path, original = tampered_artifact
+    header_end = original.index(b"\n", len(vault.MAGIC))
+    header = json.loads(original[len(vault.MAGIC) : header_end])
+    offset = {
+        "payload-start": header_end + 1,
+        "payload-middle": (header_end + len(original)) // 2,
+        "gcm-tag": len(original) - 1,
+    }.get(where)
+    changed = bytearray(original)
+    if offset is None:
+        # A canonical-looking header whose wrapped key decrypts to nothing.
+        wrapped = bytearray(base64.b64decode(header["wrapped_key"]))
+        wrapped[0] ^= 0x01
+        old, new = header["wrapped_key"], base64.b64encode(bytes(wrapped)).decode()
+        changed = bytearray(original.replace(old.encode(), new.encode(), 1))
+    else:
+        changed[offset] ^= 0x01
+    path.write_bytes(bytes(changed))
+
+    with pytest.raises(ArtifactTampered):
+        open_model(tag, sealing_key)
+    registry = ModelRegistry([tag], sealing_key)
+
+    [status] = registry.statuses()
+    assert not status.ready
+    assert status.reason is not None and "integrity" in status.reason
+    with pytest.raises(ModelUnavailable):
+        registry.get("credit_risk")
+
+
+def test_restored_artifact_opens_again(
+    tampered_artifact: tuple[str, Path, bytes], sealing_key: vault.FileKeyProvider
+) -> None:
+    tag, _, _ = tampered_artifact
+
+    assert ModelRegistry([tag], sealing_key).all_ready
+
+
+def test_unknown_model_and_version(credit_run: Any) -> None:
+    registry = ModelRegistry([credit_run.tag], credit_run.provider)
+
+    for name in ("pneumonia", "", 42, ["credit_risk"]):
+        with pytest.raises(UnknownModel) as caught:
+            registry.get(name)
+        assert (caught.value.code, caught.value.field, caught.value.status_code) == (
+            "unknown_model",
+            "model",
+            404,
+        )
+    with pytest.raises(UnknownModel) as caught:
+        registry.get("credit_risk", "no-such-version")
+    assert caught.value.field == "version"
+
+
+def test_one_missing_tag_does_not_stop_the_good_model(credit_run: Any) -> None:
+    registry = ModelRegistry([credit_run.tag, "pneumonia:doesnotexist"], credit_run.provider)
+
+    assert not registry.all_ready
+    statuses = {s.name: s for s in registry.statuses()}
+    assert statuses["credit_risk"].ready
+    assert not statuses["pneumonia"].ready
+    assert statuses["pneumonia"].reason == "not found in the model store"
+    assert registry.get("credit_risk").name == "credit_risk"
+    with pytest.raises(ModelUnavailable):
+        registry.get("pneumonia")
+    # With two models configured, a request must name one.
+    with pytest.raises(UnknownModel):
+        registry.get(None)
+
+
+def test_a_store_model_without_an_artifact_does_not_stop_the_good_model(
+    credit_run: Any,
+) -> None:
+    # A model of the same store that guarded-serving did not wrap (no artifact.sealed).
+    with bentoml.models.create("plain_model") as plain:
+        Path(plain.path_of("weights.bin")).write_bytes(b"\x00" * 16)
+
+    registry = ModelRegistry([credit_run.tag, str(plain.tag)], credit_run.provider)
+
+    statuses = {s.name: s for s in registry.statuses()}
+    assert statuses["credit_risk"].ready
+    assert not statuses["plain_model"].ready
+    assert statuses["plain_model"].reason
+    with pytest.raises(ModelUnavailable):
+        registry.get("plain_model")
