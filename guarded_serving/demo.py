@@ -168,7 +168,7 @@ def _show_prediction(
     total = explanation["base_value"] + sum(explanation["attributions"].values())
     echo(
         f"    base {explanation['base_value']:+.3f} + attributions = {total:+.4f}"
-        f" = margin {explanation['margin']:+.4f}"
+        f" = model output {explanation['output']:+.4f}"
     )
 
 

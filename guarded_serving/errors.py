@@ -77,6 +77,9 @@ class Unauthenticated(GuardedServingError):
     status_code = 401
     code = "unauthenticated"
 
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="guarded-serving"'}
+
 
 class RateLimited(GuardedServingError):
     """The client spent its budget for the current window."""

@@ -82,14 +82,31 @@ class LocalServer:
         return Path(self._log.name).read_text(errors="replace")
 
     def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to the server's process group; SIGKILL to every descendant if it hangs.
+
+        BentoML starts its workers in sessions of their own, so a group kill alone can
+        leave a worker serving: the descendants are listed before signalling.
+        """
         if self.process is None or self.process.poll() is not None:
             return
+        import psutil
+
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        _, alive = psutil.wait_procs(children, timeout=5)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.Error:
+                continue
 
     def __enter__(self) -> LocalServer:
         return self.start()

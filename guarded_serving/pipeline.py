@@ -20,6 +20,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
 from guarded_serving.errors import GuardedServingError
+from guarded_serving.explain.base import ExplainStage
 from guarded_serving.fairness import FairnessAccumulator, PredictionEvent
 from guarded_serving.telemetry import Telemetry
 from guarded_serving.types import Outcome, ScoringRequest, Verdict
@@ -53,9 +54,13 @@ class PredictStage:
 
     def __call__(self, request: ScoringRequest) -> None:
         output = request.model.policy.output
-        margins = request.model.runtime.predict_margin(request.matrix)
-        probabilities = 1.0 / (1.0 + np.exp(-margins))
-        request.margins = margins
+        runtime = request.model.runtime
+        scores = runtime.predict_score(request.inputs)
+        if runtime.output_space == "margin":
+            probabilities = 1.0 / (1.0 + np.exp(-scores))
+        else:
+            probabilities = np.clip(scores, 0.0, 1.0)
+        request.scores = scores
         request.probabilities = probabilities
         request.labels = [
             output.positive_label if p >= output.threshold else output.negative_label
@@ -88,11 +93,6 @@ class RecordStage:
         self.accumulator.record(event)
 
 
-def _explainer(request: ScoringRequest) -> Stage | None:
-    enabled = request.model.policy.explanation.enabled and request.explain
-    return request.model.explainer if enabled else None
-
-
 def _anomaly(request: ScoringRequest) -> Stage | None:
     return request.model.anomaly if request.model.policy.guards.anomaly.enabled else None
 
@@ -107,7 +107,7 @@ def default_stages(
         ModelStage("validate", lambda r: r.model.schema),
         ModelStage("anomaly", _anomaly),
         PredictStage(),
-        ModelStage("explain", _explainer),
+        ExplainStage(),
         RecordStage(accumulator),
     ]
 

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,6 +64,54 @@ class CategoricalFeature(_Strict):
 Feature = Annotated[NumericFeature | CategoricalFeature, Field(discriminator="type")]
 
 
+class TensorInput(_Strict):
+    """A fixed-shape numeric array per record: an image, or a window of sensor readings.
+
+    Values are checked against ``min``/``max``: one number for the whole array, or,
+    with ``range_axis``, one per position along that axis (a range per sensor).
+    """
+
+    kind: Literal["tensor"] = "tensor"
+    shape: list[int] = Field(min_length=1, max_length=3)
+    """Shape of one record, without the batch dimension."""
+    axes: list[str]
+    """A name per dimension (``row``, ``column``; ``cycle``, ``sensor``)."""
+    dtype: Literal["float32"] = "float32"
+    min: float | list[float]
+    max: float | list[float]
+    range_axis: int | None = None
+    """The axis along which ``min``, ``max`` and ``channel_names`` are given per position."""
+    channel_names: list[str] | None = None
+    """Names of the positions along ``range_axis`` (sensor names)."""
+    png_scale: float | None = None
+    """Accept a base64 PNG for a 2-D grey image; pixel values are divided by this
+    (255 maps 0-255 pixels onto a 0-1 range)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TensorInput:
+        if any(d < 1 for d in self.shape):
+            raise ValueError("input.shape: every dimension must be at least 1")
+        if len(self.axes) != len(self.shape):
+            raise ValueError("input.axes: one name per dimension of input.shape")
+        per_position = isinstance(self.min, list) or isinstance(self.max, list)
+        if per_position or self.channel_names is not None:
+            if self.range_axis is None or not 0 <= self.range_axis < len(self.shape):
+                raise ValueError("input.range_axis must name a dimension for per-position ranges")
+            size = self.shape[self.range_axis]
+            for name in ("min", "max", "channel_names"):
+                value = getattr(self, name)
+                if isinstance(value, list) and len(value) != size:
+                    raise ValueError(f"input.{name}: one entry per position of the range axis")
+        lows, highs = np.asarray(self.min, dtype=float), np.asarray(self.max, dtype=float)
+        if not (np.all(np.isfinite(lows)) and np.all(np.isfinite(highs))):
+            raise ValueError("input.min and input.max must be finite")
+        if np.any(lows > highs):
+            raise ValueError("input.min must be <= input.max")
+        if self.png_scale is not None and (len(self.shape) != 2 or self.png_scale <= 0):
+            raise ValueError("input.png_scale needs a 2-D input and a positive scale")
+        return self
+
+
 class ProtectedAttribute(_Strict):
     """A group membership used for fairness accounting, sent as request context.
 
@@ -90,6 +139,10 @@ class OutputSpec(_Strict):
     """Probability at or above which the positive label is predicted."""
     favourable_label: str | None = None
     """The outcome counted as 'selected' by fairness metrics; the positive label if unset."""
+    model_output: Literal["margin", "probability"] | None = None
+    """What the model returns for the positive class: a log-odds margin or a probability.
+    Unset means the runtime's own kind decides (xgboost and torch: margin; scikit-learn
+    and ONNX classifiers: probability)."""
 
     @model_validator(mode="after")
     def _labels_are_distinct(self) -> OutputSpec:
@@ -129,9 +182,36 @@ class LimitsPolicy(_Strict):
     max_batch_rows: int = Field(256, gt=0)
 
 
+class KernelShapPolicy(_Strict):
+    """Budget of the model-agnostic KernelSHAP explainer."""
+
+    samples: int = Field(256, ge=16, le=20_000)
+    """Coalitions evaluated per explained row."""
+    background_rows: int = Field(32, ge=1, le=1000)
+    """Training rows that stand in for a missing feature."""
+    time_budget_ms: int = Field(2000, gt=0)
+    """Per request: rows left when it runs out are answered without attributions."""
+
+
+class GradientPolicy(_Strict):
+    """Integrated gradients from a fixed background set, for differentiable models."""
+
+    steps: int = Field(32, ge=4, le=1024)
+    """Points on each straight path from a background row to the input (wrapping raises
+    it until the tolerance holds on held-out rows)."""
+    background_rows: int = Field(16, ge=1, le=512)
+    tolerance: float = Field(0.01, gt=0.0)
+    """Largest allowed gap between base value + attributions and the model's output."""
+
+
 class ExplanationPolicy(_Strict):
     enabled: bool = True
-    """Attach SHAP attributions to every scored row."""
+    """Attach attributions to every scored row."""
+    method: Literal["auto", "tree_shap", "gradient", "kernel_shap"] = "auto"
+    """``auto`` picks exact TreeSHAP for tree ensembles, gradients for torch models and
+    KernelSHAP for anything else."""
+    kernel: KernelShapPolicy = KernelShapPolicy()
+    gradient: GradientPolicy = GradientPolicy()
 
 
 class FairnessPolicy(_Strict):
@@ -149,7 +229,9 @@ class Policy(_Strict):
 
     model: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     description: str = ""
-    features: list[Feature] = Field(min_length=1)
+    features: list[Feature] = Field(default_factory=list)
+    """Named tabular features; or leave empty and declare a tensor ``input``."""
+    input: TensorInput | None = None
     protected_attributes: list[ProtectedAttribute] = Field(default_factory=list)
     output: OutputSpec
     guards: GuardsPolicy = GuardsPolicy()
@@ -159,6 +241,8 @@ class Policy(_Strict):
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Policy:
+        if bool(self.features) == (self.input is not None):
+            raise ValueError("declare either features (tabular) or input (tensor), not both")
         names = [f.name for f in self.features]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -179,6 +263,10 @@ class Policy(_Strict):
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.input is not None
 
     @classmethod
     def from_yaml_text(cls, text: str, source: str = "policy") -> Policy:

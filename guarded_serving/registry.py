@@ -14,15 +14,16 @@ from typing import Any
 import bentoml
 
 from guarded_serving import vault
-from guarded_serving.encoding import TabularEncoder
+from guarded_serving.encoding import TabularEncoder, TensorEncoder, encoder_for
 from guarded_serving.errors import (
     ArtifactError,
     ConfigError,
     GuardedServingError,
+    InvalidInput,
     ModelUnavailable,
     UnknownModel,
 )
-from guarded_serving.explain.tree import TreeExplainer
+from guarded_serving.explain import Explainer, select
 from guarded_serving.guards.anomaly import AnomalyGuard, KNNAnomalyDetector
 from guarded_serving.guards.schema import SchemaGuard
 from guarded_serving.policy import Policy
@@ -40,10 +41,10 @@ class LoadedModel:
     version: str
     policy: Policy
     runtime: Runtime
-    encoder: TabularEncoder
+    encoder: TabularEncoder | TensorEncoder
     schema: SchemaGuard
     anomaly: AnomalyGuard
-    explainer: TreeExplainer
+    explainer: Explainer
     manifest: dict[str, Any]
 
 
@@ -85,8 +86,14 @@ def open_model(tag: str, provider: vault.KeyProvider) -> LoadedModel:
     files = vault.unpack(vault.open_sealed(sealed, name=name, version=version, provider=provider))
     policy = Policy.from_yaml_text(files[POLICY_FILE].decode(), source=f"{name}:{version} policy")
     manifest = json.loads(files[MANIFEST_FILE])
-    runtime = load_runtime(manifest["runtime"], files["model.bin"])
-    encoder = TabularEncoder(policy)
+    encoder = encoder_for(policy)
+    runtime = load_runtime(
+        manifest["runtime"],
+        files["model.bin"],
+        encoder,
+        manifest.get("output_space"),
+        manifest.get("runtime_options"),
+    )
     return LoadedModel(
         name=name,
         version=version,
@@ -97,9 +104,28 @@ def open_model(tag: str, provider: vault.KeyProvider) -> LoadedModel:
         anomaly=AnomalyGuard(
             KNNAnomalyDetector.from_bytes(files["anomaly.npz"]), policy.guards.anomaly
         ),
-        explainer=TreeExplainer(runtime, encoder),  # type: ignore[arg-type]
+        explainer=select.build(manifest["explainer"], runtime, encoder, policy, files),
         manifest=manifest,
     )
+
+
+def tags_with_label(label: str) -> list[str]:
+    """The newest version of every stored model carrying ``key=value`` as a label.
+
+    Raises:
+        ConfigError: ``label`` is not of the form ``key=value``.
+    """
+    key, sep, value = label.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"model_label must look like key=value (got {label!r})")
+    newest: dict[str, Any] = {}
+    for model in bentoml.models.list():
+        if model.info.labels.get(key) != value:
+            continue
+        name = model.tag.name
+        if name not in newest or model.info.creation_time > newest[name].info.creation_time:
+            newest[name] = model
+    return sorted(str(m.tag) for m in newest.values())
 
 
 class ModelRegistry:
@@ -130,6 +156,9 @@ class ModelRegistry:
                 status.reason = exc.message
             except bentoml.exceptions.NotFound:
                 status.reason = "not found in the model store"
+            except Exception as exc:  # noqa: BLE001 - one broken model must not stop the rest
+                status.reason = f"cannot be loaded ({exc.__class__.__name__})"
+                logger.exception("model %s failed to load", tag, extra={"event": "model.failed"})
             else:
                 status.model, status.version, status.ready = model, model.version, True
                 logger.info(
@@ -154,9 +183,13 @@ class ModelRegistry:
         """Resolve a request's model; the only served model when ``name`` is omitted.
 
         Raises:
+            InvalidInput: ``name`` or ``version`` is not a string.
             UnknownModel: No such model (or version) is served.
             ModelUnavailable: It is configured but failed to load.
         """
+        for where, value in (("model", name), ("version", version)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidInput(where, "wrong_type", "expected a string")
         if name is None and len(self._by_name) == 1:
             status = next(iter(self._by_name.values()))
         elif not isinstance(name, str) or name not in self._by_name:

@@ -7,6 +7,7 @@ the :class:`Reply`. Nothing here knows about HTTP frameworks.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -23,10 +24,10 @@ from guarded_serving.fairness import (
 from guarded_serving.guards.admit import AdmitStage
 from guarded_serving.guards.identify import ApiKeyStore, IdentifyStage
 from guarded_serving.pipeline import Pipeline, default_stages
-from guarded_serving.registry import ModelRegistry
+from guarded_serving.registry import ModelRegistry, tags_with_label
 from guarded_serving.settings import GuardedServingSettings
 from guarded_serving.telemetry import Telemetry
-from guarded_serving.types import Outcome, ScoringRequest
+from guarded_serving.types import Explanation, Outcome, ScoringRequest
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,19 @@ class Reply:
 
 
 def resolve_key_provider(settings: GuardedServingSettings) -> vault.KeyProvider | None:
-    """The master key: the environment variable if set, else the key file if present.
+    """The master key provider, from the first of these that is set.
+
+    ``settings.master_key_uri`` (see :func:`vault.provider_from_uri`), then the
+    ``GUARDED_SERVING_MASTER_KEY`` environment variable, then the key file
+    ``settings.master_key_file`` if it exists. None when there is none of them.
 
     Raises:
-        ConfigError: The one that is set holds no valid key.
+        ConfigError: The one that is set holds no valid key, or the provider it names
+            cannot be reached.
     """
+    uri = (settings.master_key_uri or "").strip()
+    if uri:
+        return vault.provider_from_uri(uri)
     if os.environ.get(vault.DEFAULT_KEY_ENV_VAR, "").strip():
         return vault.EnvKeyProvider()
     if settings.master_key_file.exists():
@@ -73,7 +82,8 @@ class GuardedServer:
     ) -> None:
         self.settings = settings
         self.telemetry = Telemetry()
-        self.registry = ModelRegistry(settings.models, provider or resolve_key_provider(settings))
+        tags = tags_with_label(settings.model_label) if settings.model_label else settings.models
+        self.registry = ModelRegistry(tags, provider or resolve_key_provider(settings))
         keys = (
             ApiKeyStore.from_file(settings.api_keys_file)
             if settings.api_keys_file is not None
@@ -97,6 +107,13 @@ class GuardedServer:
             default_stages(self.identify, AdmitStage(), self.accumulator), self.telemetry
         )
 
+    @property
+    def ready(self) -> bool:
+        statuses = [s.ready for s in self.registry.statuses()]
+        if self.settings.ready_when == "any":
+            return any(statuses)
+        return all(statuses)
+
     def close(self) -> None:
         self.accumulator.stop()
         self.accumulator.store.close()
@@ -113,11 +130,15 @@ class GuardedServer:
         records: Any = None,
         context: Any = None,
         explain: Any = True,
+        unexpected: InvalidInputs | None = None,
     ) -> Reply:
+        """Score a batch. ``unexpected`` carries body fields the transport did not know."""
         request_id = uuid.uuid4().hex
         try:
             # Authenticate before saying anything about which models exist.
             self.identify.identify(api_key)
+            if unexpected is not None:
+                raise unexpected
             loaded = self.registry.get(model, version)
             request = ScoringRequest(
                 request_id=request_id,
@@ -132,11 +153,20 @@ class GuardedServer:
             return Reply.error(exc, request_id)
         return Reply(200, _prediction_body(request), {"X-Request-ID": request_id})
 
-    def feedback(self, api_key: str | None, *, model: Any = None, labels: Any = None) -> Reply:
+    def feedback(
+        self,
+        api_key: str | None,
+        *,
+        model: Any = None,
+        labels: Any = None,
+        unexpected: InvalidInputs | None = None,
+    ) -> Reply:
         """Join true outcomes to earlier predictions by record id."""
         request_id = uuid.uuid4().hex
         try:
             self.identify.identify(api_key)
+            if unexpected is not None:
+                raise unexpected
             loaded = self.registry.get(model)
             events = _label_events(labels, loaded.policy.output)
             result = self.accumulator.feedback(events)
@@ -161,12 +191,23 @@ class GuardedServer:
             return Reply.error(exc, request_id)
         complete = self.accumulator.flush(timeout_s=2.0)
         report = self.accumulator.report(self.policies, model=model).to_dict()
-        report["complete"] = complete
-        report["dropped_events"] = self.accumulator.dropped
+        accumulator = self.accumulator
+        report["complete"] = complete and not (accumulator.failed or accumulator.invalid)
+        report["dropped_events"] = accumulator.dropped
+        report["failed_events"] = accumulator.failed + accumulator.invalid
         return Reply(200, report, {"X-Request-ID": request_id})
 
-    def readiness(self) -> list[dict[str, Any]]:
-        return [status.to_dict() for status in self.registry.statuses()]
+    def models(self, api_key: str | None) -> Reply:
+        """Each configured model's readiness, with the reason when it is not ready."""
+        request_id = uuid.uuid4().hex
+        try:
+            self.identify.identify(api_key)
+        except GuardedServingError as exc:
+            return Reply.error(exc, request_id)
+        statuses = [status.to_dict() for status in self.registry.statuses()]
+        ready = all(s["ready"] for s in statuses)
+        body = {"ready": ready, "models": statuses, "request_id": request_id}
+        return Reply(200 if ready else 503, body, {"X-Request-ID": request_id})
 
 
 def _prediction_body(request: ScoringRequest) -> dict[str, Any]:
@@ -191,14 +232,11 @@ def _prediction_body(request: ScoringRequest) -> dict[str, Any]:
             "guards": guards,
         }
         if request.explanations is not None:
-            explanation = request.explanations[row]
-            item["explanation"] = {
-                "method": explanation.method,
-                "output_space": explanation.output_space,
-                "base_value": explanation.base_value,
-                "margin": float(request.margins[row]),
-                "attributions": explanation.attributions,
-            }
+            item["explanation"] = _explanation_body(
+                request.explanations[row],
+                float(request.scores[row]),
+                model.runtime.output_space,
+            )
         predictions.append(item)
     return {
         "request_id": request.request_id,
@@ -207,6 +245,31 @@ def _prediction_body(request: ScoringRequest) -> dict[str, Any]:
         "flagged": bool(flagged_stages),
         "predictions": predictions,
     }
+
+
+def _explanation_body(explanation: Explanation, score: float, score_space: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "method": explanation.method,
+        "status": explanation.status,
+        "output_space": explanation.output_space,
+        "base_value": explanation.base_value,
+        # The model output, in the explanation's space, that base + attributions equal.
+        "output": _in_space(score, score_space, explanation.output_space),
+        "tolerance": explanation.tolerance,
+        "attributions": explanation.attributions,
+    }
+    body.update(explanation.details)
+    return body
+
+
+def _in_space(score: float, score_space: str, space: str) -> float:
+    """The model's score (a margin or a probability) in the explanation's space."""
+    if score_space == "margin":
+        return score if space == "log_odds" else 1.0 / (1.0 + math.exp(-score))
+    if space == "probability":
+        return score
+    clipped = min(max(score, 1e-300), 1.0 - 1e-16)
+    return math.log(clipped) - math.log1p(-clipped)
 
 
 def _label_events(labels: Any, output: Any) -> list[LabelEvent]:
@@ -225,7 +288,12 @@ def _label_events(labels: Any, output: Any) -> list[LabelEvent]:
             problems.append(InvalidInput(where, "wrong_type", "expected an object"))
             continue
         record_id, label = entry.get("id"), entry.get("label")
-        if not isinstance(record_id, str) or not record_id:
+        missing = [k for k in ("id", "label") if entry.get(k) is None]
+        if missing:
+            problems.extend(
+                InvalidInput(f"{where}.{k}", "missing_field", "required") for k in missing
+            )
+        elif not isinstance(record_id, str) or not record_id:
             problems.append(InvalidInput(f"{where}.id", "wrong_type", "expected a record id"))
         elif label not in allowed or not isinstance(label, str):
             problems.append(

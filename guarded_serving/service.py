@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import uuid
+from http import HTTPStatus
 from typing import Annotated, Any
 
 import bentoml
@@ -20,6 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guarded_serving.errors import InvalidInput, InvalidInputs, Unauthenticated
 from guarded_serving.server import GuardedServer, Reply
 from guarded_serving.settings import GuardedServingSettings
 from guarded_serving.telemetry import install_json_logging
@@ -30,10 +34,30 @@ _state: dict[str, GuardedServer] = {}
 
 
 def _api_key(headers: Any) -> str | None:
+    """The presented API key: ``Authorization: Bearer`` first, then ``X-API-Key``.
+
+    Raises:
+        Unauthenticated: An ``Authorization`` header of another scheme.
+    """
     auth = headers.get("authorization")
-    if auth and auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
+    if auth:
+        scheme, _, key = auth.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthenticated("use 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        return key.strip() or None
     return headers.get("x-api-key") or None
+
+
+def _unexpected(scope: Scope) -> InvalidInputs | None:
+    """Top-level body fields the endpoint does not take, as found by :class:`RequestGate`."""
+    names = scope.get(_UNEXPECTED_KEY) or []
+    if not names:
+        return None
+    return InvalidInputs(
+        [InvalidInput(name if _PLAIN_NAME.fullmatch(name) else "(body)",
+                      "unexpected_field", "not a field of this endpoint")
+         for name in names[:50]]
+    )  # fmt: skip
 
 
 def _response(reply: Reply, ctx: bentoml.Context | None = None) -> JSONResponse:
@@ -47,16 +71,24 @@ def _server() -> GuardedServer:
     return _state["server"]
 
 
+def _call(method: Any, headers: Any, **kwargs: Any) -> Reply:
+    """Run a server-core method with the request's API key."""
+    try:
+        api_key = _api_key(headers)
+    except Unauthenticated as exc:
+        return Reply.error(exc, uuid.uuid4().hex)
+    return method(api_key, **kwargs)
+
+
 async def _fairness(request: Request) -> JSONResponse:
     model = request.query_params.get("model")
-    reply = await _run_sync(_server().fairness, _api_key(request.headers), model=model)
+    reply = await _run_sync(_call, _server().fairness, request.headers, model=model)
     return _response(reply)
 
 
 async def _models(request: Request) -> JSONResponse:
-    statuses = _server().readiness()
-    ready = all(s["ready"] for s in statuses)
-    return JSONResponse({"ready": ready, "models": statuses}, status_code=200 if ready else 503)
+    reply = await _run_sync(_call, _server().models, request.headers)
+    return _response(reply)
 
 
 async def _run_sync(func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -73,8 +105,29 @@ read_app = Starlette(
 )
 
 
-class ErrorEnvelope:
-    """Give BentoML's own 400 answers (body not JSON, not an object) our error shape."""
+# Bodies above this are refused before parsing (413); a full batch is far smaller.
+MAX_BODY_BYTES = 2 * 1024 * 1024
+# The top-level fields each API takes; others are refused with 422 after identify.
+_API_FIELDS = {
+    "/predict": frozenset({"records", "context", "model", "version", "explain"}),
+    "/feedback": frozenset({"labels", "model"}),
+}
+_UNEXPECTED_KEY = "guarded_serving.unexpected_fields"
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_STATUS_CODES = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed",
+                 413: "body_too_large", 415: "unsupported_media_type", 500: "internal_error",
+                 503: "unavailable", 504: "timeout"}  # fmt: skip
+
+
+class RequestGate:
+    """Checks API bodies before BentoML parses them, and gives every error our shape.
+
+    For ``POST /predict`` and ``/feedback`` the body must be JSON (415 otherwise), at
+    most ``MAX_BODY_BYTES`` (413) and a JSON object (400); a body that passes is
+    handed on unchanged. Any error answer that did not come from the server core
+    (BentoML's own 404, 405, 500, 504 and the like) is rewritten into the
+    ``{"error", "code", "request_id"}`` envelope, with no exception text.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -83,32 +136,101 @@ class ErrorEnvelope:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rewriting = False
+        allowed = _API_FIELDS.get(scope["path"])
+        if scope["method"] == "POST" and allowed is not None:
+            body, parsed, problem = await _read_body(scope, receive)
+            if problem is not None:
+                await _send_error(send, *problem)
+                return
+            scope[_UNEXPECTED_KEY] = [name for name in parsed if name not in allowed]
+            receive = _replay(body)
+        await self.app(scope, receive, _enveloping(send))
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal rewriting
-            if message["type"] == "http.response.start" and message["status"] == 400:
+
+async def _read_body(
+    scope: Scope, receive: Receive
+) -> tuple[bytes, dict[str, Any], tuple[int, str] | None]:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    media_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        return b"", {}, (415, "the body must be application/json")
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        return b"", {}, (415, "compressed bodies are not accepted")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"", {}, (400, "the request ended early")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return b"", {}, (413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    try:
+        parsed = json.loads(body) if body else {}
+    except (ValueError, RecursionError):
+        return body, {}, (400, "the body is not valid JSON")
+    if not isinstance(parsed, dict):
+        return body, {}, (400, "the body must be a JSON object")
+    return body, parsed, None
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _send_error(send: Send, status: int, message: str) -> None:
+    request_id = uuid.uuid4().hex
+    code = _STATUS_CODES.get(status, "error" if status < 500 else "internal_error")
+    body = json.dumps({"error": message, "code": code, "request_id": request_id}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _enveloping(send: Send) -> Send:
+    """Rewrite error answers that lack our request id into the standard envelope."""
+    rewriting = False
+
+    async def wrapped(message: Message) -> None:
+        nonlocal rewriting
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            ours = any(k.lower() == b"x-request-id" for k, _ in message.get("headers", []))
+            if status >= 400 and not ours:
                 rewriting = True
-                body = json.dumps(
-                    {"error": "the body must be a JSON object", "code": "malformed_body"}
-                ).encode()
-                headers = [
-                    (k, v)
-                    for k, v in message.get("headers", [])
-                    if k.lower() not in (b"content-length", b"content-type")
-                ]
-                headers += [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ]
-                await send({**message, "headers": headers})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                reason = HTTPStatus(status).phrase.lower() if status in _KNOWN else "error"
+                await _send_error(send, status, reason)
                 return
-            if rewriting:
-                return
-            await send(message)
+        if rewriting:
+            return
+        await send(message)
 
-        await self.app(scope, receive, send_wrapper)
+    return wrapped
+
+
+_KNOWN = {s.value for s in HTTPStatus}
 
 
 Records = Annotated[
@@ -140,7 +262,7 @@ class GuardedService:
         _state["server"] = self.server
 
     def __is_ready__(self) -> bool:
-        return self.server.registry.all_ready
+        return self.server.ready
 
     @bentoml.api(route="/predict")
     def predict(
@@ -150,16 +272,18 @@ class GuardedService:
         context: Context = None,
         model: Annotated[Any, Field(description="Model name; optional with one model.")] = None,
         version: Annotated[Any, Field(description="Pin a model version.")] = None,
-        explain: Annotated[Any, Field(description="Attach SHAP attributions.")] = True,
+        explain: Annotated[Any, Field(description="Attach attributions.")] = True,
     ) -> dict[str, Any]:  # a JSONResponse, passed through by BentoML
         """Score rows through the guards; answer with labels, guard verdicts and SHAP."""
-        reply = self.server.predict(
-            _api_key(ctx.request.headers),
+        reply = _call(
+            self.server.predict,
+            ctx.request.headers,
             model=model,
             version=version,
             records=records,
             context=context,
             explain=explain,
+            unexpected=_unexpected(ctx.request.scope),
         )
         return _response(reply, ctx)
 
@@ -178,7 +302,13 @@ class GuardedService:
         model: Annotated[Any, Field(description="Model name; optional with one model.")] = None,
     ) -> dict[str, Any]:  # a JSONResponse, passed through by BentoML
         """Join true outcomes to earlier predictions for the fairness accumulator."""
-        reply = self.server.feedback(_api_key(ctx.request.headers), model=model, labels=labels)
+        reply = _call(
+            self.server.feedback,
+            ctx.request.headers,
+            model=model,
+            labels=labels,
+            unexpected=_unexpected(ctx.request.scope),
+        )
         return _response(reply, ctx)
 
     @bentoml.on_shutdown
@@ -186,4 +316,4 @@ class GuardedService:
         self.server.close()
 
 
-GuardedService.add_asgi_middleware(ErrorEnvelope)
+GuardedService.add_asgi_middleware(RequestGate)

@@ -9,6 +9,7 @@ or the key file named here (see ``vault.py``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -40,8 +41,20 @@ class GuardedServingSettings(BaseSettings):
 
     models: list[str] = ["credit_risk:latest"]
     """BentoML model tags to serve (``name`` or ``name:version``)."""
+    model_label: str | None = None
+    """Serve instead the newest version of every stored model with this ``key=value``
+    label (``guarded-serving wrap --label``)."""
+    ready_when: Literal["all", "any"] = "all"
+    """``/readyz`` answers 200 when all configured models loaded, or when any did
+    (then a model that failed is still reported on ``/models`` and refuses requests)."""
     master_key_file: Path = DEFAULT_STATE_DIR / "master.key"
     """Key file used when ``GUARDED_SERVING_MASTER_KEY`` is not set."""
+    master_key_uri: str | None = None
+    """Where the master key lives, as a URI: ``env://VAR``, ``file:///path``,
+    ``kms+http://host:port/keys/NAME`` or a plug-in's scheme (see
+    ``vault.provider_from_uri``). When set, it is used instead of
+    ``GUARDED_SERVING_MASTER_KEY`` and ``master_key_file``. It names where the key is,
+    so it holds no secret; credentials never go into it."""
     api_keys_file: Path | None = None
     """YAML file of clients and the SHA-256 of their API keys."""
     open_access: bool = False

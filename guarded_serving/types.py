@@ -10,6 +10,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from guarded_serving.registry import LoadedModel
+    from guarded_serving.runtimes.base import ModelInput
 
 JSONObject = dict[str, Any]
 
@@ -31,12 +32,19 @@ class Verdict:
 
 @dataclass(slots=True)
 class Explanation:
-    """Attributions of one row, in the model's margin (log-odds) space."""
+    """Attributions of one row per original feature: base value + sum = model output.
+
+    ``output_space`` says which output (``log_odds`` or ``probability``), and
+    ``tolerance`` how closely the sum is guaranteed to match it.
+    """
 
     method: str
     base_value: float
     attributions: dict[str, float]
     output_space: str = "log_odds"
+    tolerance: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
 
 
 @dataclass(slots=True)
@@ -59,10 +67,10 @@ class ScoringRequest:
     records: list[JSONObject] = field(default_factory=list)
     context: list[dict[str, str]] = field(default_factory=list)
     explain: bool = True
-    matrix: np.ndarray | None = None
+    inputs: ModelInput | None = None
     anomaly_scores: np.ndarray | None = None
     anomaly_flags: np.ndarray | None = None
-    margins: np.ndarray | None = None
+    scores: np.ndarray | None = None
     probabilities: np.ndarray | None = None
     labels: list[str] = field(default_factory=list)
     explanations: list[Explanation] | None = None

@@ -115,6 +115,14 @@ class FairnessStore:
             raise ConfigError(
                 f"fairness store {self.path}: not usable ({exc.__class__.__name__}: {exc})"
             ) from None
+        # Reports read through their own connection: in WAL mode a reader never waits
+        # for the writer, so a slow or blocked write cannot stall GET /fairness.
+        self._reader, self._read_lock = self._conn, self._lock
+        if self.path != ":memory:" and not self.path.startswith("file::memory:"):
+            self._reader = sqlite3.connect(
+                self.path, timeout=2.0, isolation_level=None, check_same_thread=False
+            )
+            self._read_lock = threading.Lock()
 
     def _initialise(self) -> None:
         with self._lock:
@@ -285,14 +293,14 @@ class FairnessStore:
             f"FROM group_counts {where} GROUP BY model, attribute, grp "
             "ORDER BY model, attribute, grp"
         )
-        with self._lock:
-            rows = self._conn.execute(query, params).fetchall()
+        with self._read_lock:
+            rows = self._reader.execute(query, params).fetchall()
         return [GroupCounts(*row) for row in rows]
 
     def models(self) -> list[str]:
         """Names of the models with stored predictions or counts, sorted."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 "SELECT model FROM group_counts UNION SELECT model FROM predictions ORDER BY 1"
             ).fetchall()
         return [row[0] for row in rows]
@@ -318,6 +326,9 @@ class FairnessStore:
         """Closes the database; later calls raise ``sqlite3.ProgrammingError``."""
         with self._lock:
             self._conn.close()
+        if self._reader is not self._conn:
+            with self._read_lock:
+                self._reader.close()
 
     def __enter__(self) -> Self:
         return self

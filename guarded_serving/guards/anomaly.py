@@ -40,11 +40,15 @@ class KNNAnomalyDetector:
     Args:
         neighbours: k, the number of nearest training rows averaged.
         seed: Seed for subsampling large training sets.
+        max_reference_rows: Training rows kept as the reference (a seeded sample).
     """
 
-    def __init__(self, neighbours: int = 5, seed: int = 0) -> None:
+    def __init__(
+        self, neighbours: int = 5, seed: int = 0, max_reference_rows: int = _MAX_REFERENCE_ROWS
+    ) -> None:
         self.neighbours = neighbours
         self.seed = seed
+        self.max_reference_rows = max_reference_rows
 
     def fit(self, matrix: np.ndarray, numeric_mask: Sequence[bool]) -> KNNAnomalyDetector:
         """Learn the scaling and keep the reference rows."""
@@ -55,9 +59,9 @@ class KNNAnomalyDetector:
             )
         if len(numeric_mask) != matrix.shape[1]:
             raise ValueError("numeric_mask must have one entry per column")
-        if matrix.shape[0] > _MAX_REFERENCE_ROWS:
+        if matrix.shape[0] > self.max_reference_rows:
             rng = np.random.default_rng(self.seed)
-            keep = rng.choice(matrix.shape[0], _MAX_REFERENCE_ROWS, replace=False)
+            keep = rng.choice(matrix.shape[0], self.max_reference_rows, replace=False)
             matrix = matrix[np.sort(keep)]
         numeric = np.asarray(numeric_mask, dtype=bool)
         center = np.where(numeric, matrix.mean(axis=0), 0.0)
@@ -147,7 +151,7 @@ class AnomalyGuard:
         self.policy = policy
 
     def __call__(self, request: ScoringRequest) -> None:
-        scores = self.detector.score(request.matrix)
+        scores = self.detector.score(request.inputs.matrix)
         flags = scores > self.detector.threshold_
         request.anomaly_scores = scores
         request.anomaly_flags = flags

@@ -10,15 +10,19 @@ combinations of individually valid values are the anomaly stage's job.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-from guarded_serving.encoding import TabularEncoder
+from guarded_serving.encoding import TabularEncoder, TensorEncoder, encoder_for
 from guarded_serving.errors import InvalidInput, InvalidInputs
+from guarded_serving.guards.tensor import TensorCheck
 from guarded_serving.policy import CategoricalFeature, NumericFeature, Policy
+from guarded_serving.runtimes.base import ModelInput
 from guarded_serving.types import Outcome, ScoringRequest, Verdict
 
 # Stop collecting after this many problems; a hostile batch must not cost much.
 _MAX_PROBLEMS = 50
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class SchemaGuard:
@@ -26,15 +30,18 @@ class SchemaGuard:
 
     name = "validate"
 
-    def __init__(self, policy: Policy, encoder: TabularEncoder | None = None) -> None:
+    def __init__(
+        self, policy: Policy, encoder: TabularEncoder | TensorEncoder | None = None
+    ) -> None:
         self.policy = policy
-        self.encoder = encoder or TabularEncoder(policy)
+        self.encoder = encoder or encoder_for(policy)
+        self._tensor = TensorCheck(policy.input) if policy.input is not None else None
         self._features = {f.name: f for f in policy.features}
         self._groups = {a.name: set(a.groups) for a in policy.protected_attributes}
 
     def __call__(self, request: ScoringRequest) -> None:
         """Fill ``request.records``, ``request.context``, ``request.explain`` and the
-        encoded ``request.matrix``.
+        model's ``request.inputs``.
 
         Raises:
             InvalidInputs: One or more schema violations, all of them listed.
@@ -50,8 +57,20 @@ class SchemaGuard:
         request.records = records
         request.context = context
         request.explain = bool(request.raw_explain)
-        request.matrix = self.encoder.encode(records)
+        request.inputs = ModelInput(records, self.encoder)
         request.verdicts.append(Verdict(self.name, Outcome.PASS))
+
+    def validate_record(self, record: Any) -> Any:
+        """Check one record on its own (used on training data when a model is wrapped).
+
+        Raises:
+            InvalidInputs: The record breaks the schema.
+        """
+        problems: list[InvalidInput] = []
+        clean = self._one("records[0]", record, problems)
+        if problems:
+            raise InvalidInputs(problems)
+        return clean
 
     def _records(self, raw: Any, problems: list[InvalidInput]) -> list[dict[str, Any]]:
         if not isinstance(raw, list):
@@ -62,14 +81,23 @@ class SchemaGuard:
             return []
         out = []
         for i, record in enumerate(raw):
-            where = f"records[{i}]"
-            if not isinstance(record, dict):
-                problems.append(InvalidInput(where, "wrong_type", "expected an object"))
-                continue
-            out.append(self._record(where, record, problems))
+            clean = self._one(f"records[{i}]", record, problems)
+            if clean is not None:
+                out.append(clean)
             if len(problems) >= _MAX_PROBLEMS:
                 break
         return out
+
+    def _one(self, where: str, record: Any, problems: list[InvalidInput]) -> Any:
+        if self._tensor is not None:
+            array, problem = self._tensor.check(where, record)
+            if problem is not None:
+                problems.append(problem)
+            return array
+        if not isinstance(record, dict):
+            problems.append(InvalidInput(where, "wrong_type", "expected an object"))
+            return None
+        return self._record(where, record, problems)
 
     def _record(
         self, where: str, record: dict[str, Any], problems: list[InvalidInput]
@@ -86,17 +114,20 @@ class SchemaGuard:
             else:
                 clean[name] = record[name]
         for name in record:
-            if name not in self._features:
-                problem = (
+            if len(problems) >= _MAX_PROBLEMS:
+                break
+            if name in self._features:
+                continue
+            if name in self._groups:
+                problems.append(
                     InvalidInput(
                         f"{where}.{name}",
                         "protected_attribute_in_features",
                         "protected attributes go in 'context', not in the record",
                     )
-                    if name in self._groups
-                    else InvalidInput(f"{where}.{name}", "unexpected_field", "not a feature")
                 )
-                problems.append(problem)
+            else:
+                problems.append(_unexpected(where, name, "not a feature"))
         return clean
 
     def _context(
@@ -123,12 +154,12 @@ class SchemaGuard:
                 continue
             clean = {}
             for name, group in entry.items():
+                if len(problems) >= _MAX_PROBLEMS:
+                    break
                 field = f"{where}.{name}"
                 allowed = self._groups.get(name)
                 if allowed is None:
-                    problems.append(
-                        InvalidInput(field, "unexpected_field", "not a protected attribute")
-                    )
+                    problems.append(_unexpected(where, name, "not a protected attribute"))
                 elif group is None:
                     continue
                 elif not isinstance(group, str):
@@ -141,6 +172,17 @@ class SchemaGuard:
                     clean[name] = group
             out.append(clean)
         return out
+
+
+def _unexpected(where: str, name: str, why: str) -> InvalidInput:
+    """An unknown field, named only when its name is a plain identifier.
+
+    Names a client made up are echoed back only when short and plain, so that an
+    error cannot carry arbitrary text (or many megabytes of it) back to the caller.
+    """
+    if _PLAIN_NAME.fullmatch(name):
+        return InvalidInput(f"{where}.{name}", "unexpected_field", why)
+    return InvalidInput(where, "unexpected_field", f"a field name that is {why}")
 
 
 def _check(

@@ -108,9 +108,17 @@ def train(policy: Policy, train_split: Split, val_split: Split, rounds: int = 60
     )
 
 
-def run(provider: vault.KeyProvider, *, echo=print) -> str:
-    """Train, evaluate on the test split, wrap and register. Returns the model tag."""
+def run(provider: vault.KeyProvider, *, echo=print, name: str | None = None) -> str:
+    """Train, evaluate on the test split, wrap and register. Returns the model tag.
+
+    Args:
+        provider: Master key provider for sealing.
+        echo: Where the figures are printed.
+        name: Register under this name instead of ``credit_risk``.
+    """
     policy = Policy.from_file(POLICY_FILE)
+    if name is not None:
+        policy = Policy.model_validate({**policy.model_dump(), "model": name})
     frame = load_german_credit()
     train_split, val_split, test_split = split(frame, policy)
     booster = train(policy, train_split, val_split)
@@ -137,13 +145,14 @@ def run(provider: vault.KeyProvider, *, echo=print) -> str:
         model_bytes=bytes(booster.save_raw(raw_format="ubj")),
         train=train_split.features,
         calibration=val_split.features,
+        seed=SEED,
         provider=provider,
         figures=figures,
         holdout=test_split.features,
     )
     anomaly = result.manifest["calibration"]["anomaly"]
     echo(
-        f"credit_risk: {figures['rows']['train']} train / {figures['rows']['validation']} "
+        f"{policy.model}: {figures['rows']['train']} train / {figures['rows']['validation']} "
         f"validation / {figures['rows']['test']} test rows, {figures['trees']} trees"
     )
     echo(f"  test ROC AUC {figures['test_roc_auc']:.4f}, accuracy {figures['test_accuracy']:.4f}")

@@ -1,4 +1,4 @@
-"""xgboost runtime: a Booster loaded from UBJSON bytes held in memory."""
+"""xgboost runtime: a Booster loaded from JSON or UBJSON bytes held in memory."""
 
 from __future__ import annotations
 
@@ -7,20 +7,23 @@ import threading
 import numpy as np
 import xgboost as xgb
 
+from guarded_serving.runtimes.base import ModelInput
+
 
 class XGBoostRuntime:
-    """Binary xgboost classifier scored on encoded matrices.
+    """Binary xgboost classifier scored on the one-hot matrix; returns margins.
 
     Args:
-        booster: A trained booster with a ``binary:logistic`` objective.
+        booster: A trained booster with a binary logistic objective.
     """
 
     kind = "xgboost"
+    output_space = "margin"
 
     def __init__(self, booster: xgb.Booster) -> None:
         self.booster = booster
-        # Booster prediction is thread-safe, but DMatrix construction with nthread>1
-        # competes with the server's own threads; one lock keeps latency predictable.
+        # Prediction is thread-safe in xgboost, but one lock keeps each call on one
+        # core, so that latency stays predictable under concurrent requests.
         self._lock = threading.Lock()
 
     @classmethod
@@ -30,8 +33,15 @@ class XGBoostRuntime:
         booster.set_param({"nthread": 1})
         return cls(booster)
 
+    @property
+    def n_features(self) -> int:
+        return int(self.booster.num_features())
+
     def to_bytes(self) -> bytes:
         return bytes(self.booster.save_raw(raw_format="ubj"))
+
+    def predict_score(self, inputs: ModelInput) -> np.ndarray:
+        return self.predict_margin(inputs.matrix)
 
     def predict_margin(self, matrix: np.ndarray) -> np.ndarray:
         with self._lock:

@@ -52,8 +52,10 @@ def test_valid_rows_are_answered_with_attributions_that_add_up(
         assert explanation["method"] == "tree_shap"
         assert list(explanation["attributions"]) == local.policy.feature_names
         total = explanation["base_value"] + sum(explanation["attributions"].values())
-        assert total == pytest.approx(explanation["margin"], abs=1e-5)
-        assert explanation["margin"] == pytest.approx(margin, abs=1e-6)
+        assert explanation["output_space"] == "log_odds"
+        assert explanation["tolerance"] == 1e-5
+        assert total == pytest.approx(explanation["output"], abs=explanation["tolerance"])
+        assert explanation["output"] == pytest.approx(margin, abs=1e-6)
         assert prediction["probability"] == pytest.approx(1 / (1 + math.exp(-margin)), abs=1e-6)
         assert prediction["label"] == ("good" if prediction["probability"] >= 0.5 else "bad")
         assert prediction["guards"]["anomaly"]["verdict"] in ("pass", "flag")
@@ -204,9 +206,14 @@ def test_feedback_rejects_bad_labels_and_reports_unknown_ids(server, api_keys, r
     assert again.json()["already_labelled_ids"] == [ids[0]]
 
 
-def test_readiness_and_model_status(server, credit_model):
+def test_readiness_and_model_status(server, credit_model, api_keys):
     assert httpx.get(server.url + "/readyz").status_code == 200
-    status = httpx.get(server.url + "/models").json()
+    assert httpx.get(server.url + "/models").status_code == 401
+    reply = httpx.get(
+        server.url + "/models", headers={"Authorization": f"Bearer {api_keys['alice']}"}
+    )
+    status = reply.json()
+    assert status.pop("request_id") == reply.headers["X-Request-ID"]
     assert status == {
         "ready": True,
         "models": [
@@ -231,3 +238,81 @@ def test_margins_are_deterministic_across_requests(server, api_keys, rows):
         [p["probability"] for p in first["predictions"]],
         [p["probability"] for p in second["predictions"]],
     )
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status", "code"),
+    [
+        ("text/plain", 415, "unsupported_media_type"),
+        ("multipart/form-data", 415, "unsupported_media_type"),
+        ("application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+        ("application/vnd.bentoml+pickle", 415, "unsupported_media_type"),
+    ],
+)
+def test_only_json_bodies_are_parsed(server, api_keys, content_type, status, code):
+    reply = httpx.post(
+        server.url + "/predict",
+        content=b"records=1",
+        headers={"Authorization": f"Bearer {api_keys['alice']}", "Content-Type": content_type},
+    )
+    assert (reply.status_code, reply.json()["code"]) == (status, code)
+    assert reply.json()["request_id"] == reply.headers["X-Request-ID"]
+
+
+def test_oversized_body_gets_413(server, api_keys):
+    body = b'{"records": [], "pad": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+    reply = _post(server, "/predict", api_keys["alice"], content=body)
+    assert (reply.status_code, reply.json()["code"]) == (413, "body_too_large")
+
+
+def test_unknown_top_level_field_gets_422(server, api_keys, rows):
+    body = {"records": rows[:1], "contxt": [{"sex": "female"}]}
+    reply = _post(server, "/predict", api_keys["alice"], body)
+    assert reply.status_code == 422
+    assert (reply.json()["field"], reply.json()["code"]) == ("contxt", "unexpected_field")
+    reply = _post(server, "/feedback", api_keys["alice"], {"lables": []})
+    assert (reply.json()["field"], reply.json()["code"]) == ("lables", "unexpected_field")
+
+
+def test_made_up_field_names_are_not_echoed(server, api_keys, rows):
+    odd = "<script>" + "x" * 10_000
+    reply = _post(server, "/predict", api_keys["alice"], {"records": [{**rows[0], odd: 1}]})
+    assert reply.status_code == 422
+    assert (reply.json()["field"], reply.json()["code"]) == ("records[0]", "unexpected_field")
+    assert "script" not in reply.text
+
+
+@pytest.mark.parametrize("value", [1, True, [], {}])
+def test_model_of_the_wrong_type_gets_422(server, api_keys, rows, value):
+    reply = _post(server, "/predict", api_keys["alice"], {"model": value, "records": rows[:1]})
+    assert (reply.status_code, reply.json()["field"], reply.json()["code"]) == (
+        422,
+        "model",
+        "wrong_type",
+    )
+
+
+def test_401_names_the_scheme_and_other_schemes_are_refused(server, api_keys, rows):
+    reply = httpx.post(
+        server.url + "/predict",
+        json={"records": rows[:1]},
+        headers={"Authorization": f"Token {api_keys['alice']}"},
+    )
+    assert reply.status_code == 401
+    assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+    via_header = httpx.post(
+        server.url + "/predict",
+        json={"records": rows[:1]},
+        headers={"X-API-Key": api_keys["alice"]},
+    )
+    assert via_header.status_code == 200
+
+
+def test_framework_errors_use_the_same_envelope(server):
+    missing = httpx.get(server.url + "/no-such-path")
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "not_found"
+    assert missing.json()["request_id"] == missing.headers["X-Request-ID"]
+    wrong_method = httpx.get(server.url + "/predict")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["code"] == "method_not_allowed"

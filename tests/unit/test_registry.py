@@ -13,9 +13,18 @@ import numpy as np
 import pytest
 
 from guarded_serving import vault
-from guarded_serving.errors import ArtifactTampered, ModelUnavailable, UnknownModel, WrongMasterKey
+from guarded_serving.errors import (
+    ArtifactTampered,
+    InvalidInput,
+    ModelUnavailable,
+    UnknownModel,
+    WrongMasterKey,
+)
+from guarded_serving.explain.base import ExplainStage
+from guarded_serving.explain.tree import XGBoostTreeExplainer
 from guarded_serving.recipes import credit_risk
 from guarded_serving.registry import LoadedModel, ModelRegistry, open_model
+from guarded_serving.runtimes.xgboost import XGBoostRuntime
 from guarded_serving.types import ScoringRequest
 from guarded_serving.wrap import ARTIFACT_FILE, MANIFEST_FILE
 
@@ -58,16 +67,34 @@ def test_open_model_decrypts_a_working_model(
     assert model.manifest["model_sha256"] == on_disk["model_sha256"]
     assert model.manifest["calibration"] == on_disk["calibration"]
 
-    request = ScoringRequest("req-1", model, None, [credit_record] * 2)
+    assert model.manifest["explainer"] == on_disk["explainer"]
+    # The runtime and the explainer are rebuilt from what the manifest recorded.
+    assert isinstance(model.runtime, XGBoostRuntime)
+    assert model.runtime.output_space == model.manifest["output_space"] == "margin"
+    assert model.manifest["explainer"]["method"] == "tree_shap"
+    assert model.manifest["explainer"]["options"] == {"engine": "xgboost"}
+    assert isinstance(model.explainer, XGBoostTreeExplainer)
+    assert model.explainer.runtime is model.runtime
+
+    other = credit_record | {"purpose": "A40", "duration_months": 36}
+    request = ScoringRequest("req-1", model, None, [credit_record, other])
     model.schema(request)
     model.anomaly(request)
-    model.explainer(request)
-    margins = model.runtime.predict_margin(request.matrix)
-    assert margins.shape == (2,) and np.all(np.isfinite(margins))
-    assert request.explanations is not None
-    explanation = request.explanations[0]
-    total = explanation.base_value + sum(explanation.attributions.values())
-    assert total == pytest.approx(margins[0], abs=1e-5)
+    ExplainStage()(request)
+    assert request.inputs is not None
+    scores = model.runtime.predict_score(request.inputs)
+    margins = model.runtime.predict_margin(request.inputs.matrix)
+    assert scores.shape == (2,) and np.all(np.isfinite(scores))
+    np.testing.assert_array_equal(scores, margins)
+    assert scores[0] != scores[1]
+    assert request.explanations is not None and len(request.explanations) == 2
+    for explanation, margin in zip(request.explanations, margins, strict=True):
+        assert (explanation.method, explanation.output_space) == ("tree_shap", "log_odds")
+        assert explanation.status == "ok"
+        assert list(explanation.attributions) == model.policy.feature_names
+        total = explanation.base_value + sum(explanation.attributions.values())
+        assert total == pytest.approx(margin, abs=explanation.tolerance)
+        assert explanation.tolerance == pytest.approx(1e-5)
 
 
 def test_registry_serves_a_good_model(credit_run: Any) -> None:
@@ -162,13 +189,21 @@ def test_restored_artifact_opens_again(
 def test_unknown_model_and_version(credit_run: Any) -> None:
     registry = ModelRegistry([credit_run.tag], credit_run.provider)
 
-    for name in ("pneumonia", "", 42, ["credit_risk"]):
+    for name in ("pneumonia", ""):
         with pytest.raises(UnknownModel) as caught:
             registry.get(name)
         assert (caught.value.code, caught.value.field, caught.value.status_code) == (
             "unknown_model",
             "model",
             404,
+        )
+    for name in (42, ["credit_risk"]):
+        with pytest.raises(InvalidInput) as wrong:
+            registry.get(name)
+        assert (wrong.value.code, wrong.value.field, wrong.value.status_code) == (
+            "wrong_type",
+            "model",
+            422,
         )
     with pytest.raises(UnknownModel) as caught:
         registry.get("credit_risk", "no-such-version")

@@ -13,23 +13,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guarded_serving import vault
 from guarded_serving.errors import ArtifactError, ArtifactTampered, ConfigError, WrongMasterKey
 
 
-class FixedKeyProvider:
-    """A provider holding a key given in the test."""
+class FixedKeyProvider(vault.LocalKeyProvider):
+    """A local provider holding a key given in the test, which the test can still see."""
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    @property
-    def key_id(self) -> str:
-        return vault.key_fingerprint(self._key)
-
-    def master_key(self) -> bytes:
-        return self._key
+        super().__init__(key)
+        self.key = key
 
 
 def _provider(seed: int) -> FixedKeyProvider:
@@ -75,18 +70,18 @@ def test_header_has_the_documented_fields_and_no_digest() -> None:
         "cipher",
         "format",
         "key_id",
-        "key_wrap",
         "name",
         "nonce",
         "version",
-        "wrap_nonce",
         "wrapped_key",
     }
+    assert header["format"] == 2
     assert header["key_id"] == KEY_A.key_id
     assert (header["name"], header["version"]) == ("credit", "3")
     assert len(payload) == len(PLAINTEXT) + 16
     assert len(base64.b64decode(header["nonce"])) == 12
-    assert len(base64.b64decode(header["wrapped_key"])) == 48
+    # A local provider's wrapped key: its 12-byte nonce, then the 32-byte key and the tag.
+    assert len(base64.b64decode(header["wrapped_key"])) == 12 + 48
 
 
 def test_plaintext_does_not_appear_in_the_blob() -> None:
@@ -94,9 +89,9 @@ def test_plaintext_does_not_appear_in_the_blob() -> None:
     blob = vault.seal(marker, name="m", version="1", provider=KEY_A)
 
     assert marker[:16] not in blob
-    assert KEY_A.master_key() not in blob
-    assert base64.b64encode(KEY_A.master_key()) not in blob
-    assert base64.urlsafe_b64encode(KEY_A.master_key()) not in blob
+    assert KEY_A.key not in blob
+    assert base64.b64encode(KEY_A.key) not in blob
+    assert base64.urlsafe_b64encode(KEY_A.key) not in blob
 
 
 def test_wrong_key_raises_wrong_master_key() -> None:
@@ -112,7 +107,7 @@ def test_wrong_key_raises_wrong_master_key() -> None:
 
 
 def test_key_id_does_not_reveal_the_key() -> None:
-    key = KEY_A.master_key()
+    key = KEY_A.key
 
     assert len(KEY_A.key_id) == 16
     assert KEY_A.key_id not in key.hex()
@@ -227,7 +222,7 @@ def test_forged_key_id_cannot_unwrap() -> None:
 
 
 def test_error_messages_never_contain_the_key() -> None:
-    key = KEY_A.master_key()
+    key = KEY_A.key
     forms = [key.hex(), base64.b64encode(key).decode(), base64.urlsafe_b64encode(key).decode()]
     blob = vault.seal(PLAINTEXT, name="m", version="1", provider=KEY_A)
     flipped = bytearray(blob)
@@ -259,8 +254,7 @@ def test_env_provider_reads_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
     provider = vault.EnvKeyProvider()
 
-    assert provider.master_key() == base64.urlsafe_b64decode(key_text)
-    assert provider.key_id == vault.key_fingerprint(provider.master_key())
+    assert provider.key_id == vault.key_fingerprint(base64.urlsafe_b64decode(key_text))
     assert key_text not in repr(provider)
     blob = vault.seal(PLAINTEXT, name="m", version="1", provider=provider)
     assert vault.open_sealed(blob, name="m", version="1", provider=provider) == PLAINTEXT
@@ -270,7 +264,7 @@ def test_env_provider_accepts_the_standard_alphabet(monkeypatch: pytest.MonkeyPa
     key = bytes([0xFB, 0xFF] * 16)
     monkeypatch.setenv("MY_KEY", base64.b64encode(key).decode())
 
-    assert vault.EnvKeyProvider("MY_KEY").master_key() == key
+    assert vault.EnvKeyProvider("MY_KEY").key_id == vault.key_fingerprint(key)
 
 
 BAD_KEYS = [
@@ -339,7 +333,7 @@ def test_generate_key_file_is_owner_only(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert isinstance(provider, vault.FileKeyProvider)
     assert isinstance(provider, vault.KeyProvider)
-    assert len(provider.master_key()) == 32
+    assert provider.key_id == vault.key_fingerprint(base64.urlsafe_b64decode(path.read_text()))
     assert vault.FileKeyProvider(path).key_id == provider.key_id
 
 
@@ -377,7 +371,7 @@ def test_file_provider_warns_when_others_can_read(
     with caplog.at_level(logging.WARNING, logger="guarded_serving.vault"):
         provider = vault.FileKeyProvider(path)
 
-    assert len(provider.master_key()) == 32
+    assert provider.key_id == vault.key_fingerprint(base64.urlsafe_b64decode(path.read_text()))
     assert any("mode 600" in record.getMessage() for record in caplog.records)
     assert path.read_text().strip() not in caplog.text
 
@@ -442,3 +436,302 @@ def test_unpack_rejects_duplicate_names() -> None:
 def test_unpack_rejects_garbage() -> None:
     with pytest.raises(ArtifactError):
         vault.unpack(b"definitely not a zip archive")
+
+
+# -- providers behind wrap_key / unwrap_key ----------------------------------------------
+
+
+class OpaqueKeyProvider:
+    """Stands in for a KMS: the key never leaves it and its wrapped keys are opaque."""
+
+    def __init__(self, name: str, seed: int) -> None:
+        self._inner = vault.LocalKeyProvider(random.Random(seed).randbytes(32))
+        self.key_id = f"kms:{name}:{self._inner.key_id}"
+        self.calls: list[str] = []
+
+    def wrap_key(self, data_key: bytes, aad: bytes) -> bytes:
+        self.calls.append("wrap")
+        return b"OPAQUE" + self._inner.wrap_key(data_key, aad) + bytes(20)
+
+    def unwrap_key(self, wrapped: bytes, aad: bytes) -> bytes:
+        self.calls.append("unwrap")
+        if not wrapped.startswith(b"OPAQUE"):
+            raise ArtifactTampered("not one of mine")
+        return self._inner.unwrap_key(wrapped[6:-20], aad)
+
+
+def test_local_provider_wraps_and_unwraps_with_the_aad() -> None:
+    data_key = bytes(range(32))
+
+    wrapped = KEY_A.wrap_key(data_key, b"context")
+
+    assert len(wrapped) == 12 + 32 + 16
+    assert KEY_A.unwrap_key(wrapped, b"context") == data_key
+    assert KEY_A.wrap_key(data_key, b"context") != wrapped
+    for attempt in (
+        lambda: KEY_A.unwrap_key(wrapped, b"other context"),
+        lambda: KEY_B.unwrap_key(wrapped, b"context"),
+        lambda: KEY_A.unwrap_key(wrapped[:20], b"context"),
+    ):
+        with pytest.raises(ArtifactTampered):
+            attempt()
+
+
+def test_local_provider_does_not_hand_out_its_key() -> None:
+    assert not hasattr(KEY_A, "master_key")
+    assert KEY_A.key.hex() not in repr(KEY_A)
+    assert isinstance(KEY_A, vault.KeyProvider)
+
+
+def test_an_opaque_provider_seals_opens_and_rewraps() -> None:
+    kms = OpaqueKeyProvider("credit-key", 7)
+
+    blob = vault.seal(PLAINTEXT, name="credit", version="3", provider=kms)
+    header, payload = _split(blob)
+
+    assert header["key_id"] == kms.key_id
+    assert base64.b64decode(header["wrapped_key"]).startswith(b"OPAQUE")
+    assert vault.open_sealed(blob, name="credit", version="3", provider=kms) == PLAINTEXT
+    with pytest.raises(WrongMasterKey) as info:
+        vault.open_sealed(blob, name="credit", version="3", provider=KEY_A)
+    assert kms.key_id in str(info.value)
+
+    to_local = vault.rewrap(blob, name="credit", version="3", old=kms, new=KEY_A)
+    back = vault.rewrap(to_local, name="credit", version="3", old=KEY_A, new=kms)
+    assert _split(to_local)[1] == payload == _split(back)[1]
+    assert vault.open_sealed(to_local, name="credit", version="3", provider=KEY_A) == PLAINTEXT
+    assert vault.open_sealed(back, name="credit", version="3", provider=kms) == PLAINTEXT
+
+
+def test_the_wrap_layer_authenticates_name_version_and_key_id() -> None:
+    kms = OpaqueKeyProvider("k", 8)
+    blob = vault.seal(PLAINTEXT, name="credit", version="3", provider=kms)
+    header, payload = _split(blob)
+    seen: list[bytes] = []
+    original = kms.unwrap_key
+
+    def spy(wrapped: bytes, aad: bytes) -> bytes:
+        seen.append(aad)
+        return original(wrapped, aad)
+
+    kms.unwrap_key = spy  # type: ignore[method-assign]
+    vault.open_sealed(blob, name="credit", version="3", provider=kms)
+
+    assert seen and all(part in seen[0] for part in (b"credit", b'"3"', kms.key_id.encode()))
+
+
+def test_a_provider_with_an_invalid_key_id_is_a_config_error() -> None:
+    kms = OpaqueKeyProvider("k", 9)
+    kms.key_id = "has spaces and \u00e9"
+
+    with pytest.raises(ConfigError):
+        vault.seal(b"x", name="m", version="1", provider=kms)
+
+
+def test_a_provider_that_returns_too_much_is_a_config_error() -> None:
+    kms = OpaqueKeyProvider("k", 10)
+    kms.wrap_key = lambda data_key, aad: b"x" * (vault.MAX_WRAPPED_KEY_BYTES + 1)  # type: ignore[method-assign]
+
+    with pytest.raises(ConfigError):
+        vault.seal(b"x", name="m", version="1", provider=kms)
+
+
+def test_a_provider_that_cannot_unwrap_what_it_wrapped_is_caught_when_sealing() -> None:
+    kms = OpaqueKeyProvider("k", 11)
+    kms.unwrap_key = lambda wrapped, aad: bytes(32)  # type: ignore[method-assign]
+
+    with pytest.raises(ConfigError) as info:
+        vault.seal(b"x", name="m", version="1", provider=kms)
+
+    assert "cannot unwrap" in str(info.value)
+
+
+def test_a_provider_outage_is_an_artifact_error_naming_the_artifact() -> None:
+    kms = OpaqueKeyProvider("k", 12)
+    blob = vault.seal(PLAINTEXT, name="m", version="1", provider=kms)
+
+    def unreachable(wrapped: bytes, aad: bytes) -> bytes:
+        raise ArtifactError("KMS at 127.0.0.1:9 is unreachable (ConnectError)")
+
+    kms.unwrap_key = unreachable  # type: ignore[method-assign]
+    with pytest.raises(ArtifactError) as info:
+        vault.open_sealed(blob, name="m", version="1", provider=kms)
+
+    assert type(info.value) is ArtifactError
+    assert info.value.code == "artifact_error"
+    assert str(info.value).startswith("artifact m:1: KMS at 127.0.0.1:9 is unreachable")
+    assert info.value.__cause__ is None
+
+
+def test_read_header_names_the_key_without_one() -> None:
+    blob = vault.seal(PLAINTEXT, name="credit", version="3", provider=KEY_A)
+
+    header = vault.read_header(blob, name="credit", version="3")
+
+    assert header == vault.SealedHeader(2, KEY_A.key_id, "credit", "3")
+    with pytest.raises(ArtifactError):
+        vault.read_header(b"junk", name="credit", version="3")
+
+
+# -- format 1 artifacts ---------------------------------------------------------------
+
+
+def _seal_format_1(plaintext: bytes, name: str, version: str, key: bytes) -> bytes:
+    """Seal as format 1 did: the wrap nonce apart, key ids of 16 hex digits."""
+    key_id = vault.key_fingerprint(key)
+    data_key, nonce, wrap_nonce = os.urandom(32), os.urandom(12), os.urandom(12)
+    payload_aad = json.dumps(["guarded-serving/payload/v1", name, version]).encode()
+    wrap_aad = json.dumps(["guarded-serving/data-key/v1", key_id, name, version]).encode()
+    header = {
+        "cipher": "AES-256-GCM",
+        "format": 1,
+        "key_id": key_id,
+        "key_wrap": "AES-256-GCM",
+        "name": name,
+        "nonce": base64.b64encode(nonce).decode(),
+        "version": version,
+        "wrap_nonce": base64.b64encode(wrap_nonce).decode(),
+        "wrapped_key": base64.b64encode(
+            AESGCM(key).encrypt(wrap_nonce, data_key, wrap_aad)
+        ).decode(),
+    }
+    line = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return vault.MAGIC + line + b"\n" + AESGCM(data_key).encrypt(nonce, plaintext, payload_aad)
+
+
+def test_format_1_artifacts_still_open_and_rewrap_to_format_2() -> None:
+    blob = _seal_format_1(PLAINTEXT, "credit", "3", KEY_A.key)
+
+    assert vault.open_sealed(blob, name="credit", version="3", provider=KEY_A) == PLAINTEXT
+    assert vault.read_header(blob, name="credit", version="3").format == 1
+    with pytest.raises(WrongMasterKey):
+        vault.open_sealed(blob, name="credit", version="3", provider=KEY_B)
+
+    rotated = vault.rewrap(blob, name="credit", version="3", old=KEY_A, new=KEY_B)
+
+    assert _split(rotated)[0]["format"] == 2
+    assert _split(rotated)[1] == _split(blob)[1]
+    assert vault.open_sealed(rotated, name="credit", version="3", provider=KEY_B) == PLAINTEXT
+
+
+def test_format_1_byte_flips_are_detected() -> None:
+    blob = _seal_format_1(b"tiny model", "m", "1", KEY_A.key)
+
+    for position in range(len(blob)):
+        tampered = bytearray(blob)
+        tampered[position] ^= 0x01
+        with pytest.raises(ArtifactError):
+            vault.open_sealed(bytes(tampered), name="m", version="1", provider=KEY_A)
+
+
+def test_a_format_2_header_relabelled_as_format_1_does_not_open() -> None:
+    blob = vault.seal(PLAINTEXT, name="m", version="1", provider=KEY_A)
+    header, payload = _split(blob)
+    wrapped = base64.b64decode(header.pop("wrapped_key"))
+    header.update(
+        format=1,
+        key_wrap="AES-256-GCM",
+        wrap_nonce=base64.b64encode(wrapped[:12]).decode(),
+        wrapped_key=base64.b64encode(wrapped[12:]).decode(),
+    )
+    line = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+    with pytest.raises(ArtifactTampered):
+        vault.open_sealed(
+            vault.MAGIC + line + b"\n" + payload, name="m", version="1", provider=KEY_A
+        )
+
+
+# -- choosing a provider by URI -------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["env://{var}", "env:{var}", "ENV://{var}"])
+def test_env_uri(monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+    key_text = vault.generate_key()
+    monkeypatch.setenv("GS_URI_KEY", key_text)
+
+    provider = vault.provider_from_uri(form.format(var="GS_URI_KEY"))
+
+    assert isinstance(provider, vault.EnvKeyProvider)
+    assert provider.var == "GS_URI_KEY"
+    assert provider.key_id == vault.key_fingerprint(base64.urlsafe_b64decode(key_text))
+
+
+def test_env_uri_with_an_unset_variable_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GS_URI_UNSET", raising=False)
+
+    with pytest.raises(ConfigError) as info:
+        vault.provider_from_uri("env://GS_URI_UNSET")
+
+    assert "GS_URI_UNSET" in str(info.value)
+
+
+@pytest.mark.parametrize("uri", ["env://", "env://A-B", "env://A B", "env:///ABC"])
+def test_env_uri_must_name_a_variable(uri: str) -> None:
+    with pytest.raises(ConfigError):
+        vault.provider_from_uri(uri)
+
+
+def test_file_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = vault.generate_key_file(tmp_path / "dir with space" / "master.key")
+    monkeypatch.chdir(tmp_path)
+
+    uris = [
+        (tmp_path / "dir with space" / "master.key").as_uri(),
+        f"file://localhost{tmp_path}/dir%20with%20space/master.key",
+        "file:dir%20with%20space/master.key",
+    ]
+    for uri in uris:
+        provider = vault.provider_from_uri(uri)
+        assert isinstance(provider, vault.FileKeyProvider)
+        assert provider.key_id == key.key_id
+
+
+@pytest.mark.parametrize(
+    "uri", ["file://relative/master.key", "file:", "file:///k?mode=x", "file:///k#frag"]
+)
+def test_malformed_file_uris(uri: str) -> None:
+    with pytest.raises(ConfigError):
+        vault.provider_from_uri(uri)
+
+
+def test_a_file_uri_to_a_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        vault.provider_from_uri((tmp_path / "absent.key").as_uri())
+
+    assert "absent.key" in str(info.value)
+
+
+def test_unknown_scheme_names_the_scheme_and_nothing_else() -> None:
+    with pytest.raises(ConfigError) as info:
+        vault.provider_from_uri("vault://admin:s3cret-token@vault.internal:8200/keys/credit")
+
+    message = str(info.value)
+    assert "'vault'" in message
+    assert "env, file, kms+http, kms+https" in message
+    assert vault.KEY_PROVIDER_ENTRY_POINTS in message
+    assert "s3cret" not in message and "admin" not in message and "vault.internal" not in message
+    assert info.value.code == "config_error"
+
+
+@pytest.mark.parametrize("uri", ["", "no-scheme-here", "://x", "1env://X", "e nv://X"])
+def test_uri_without_a_valid_scheme(uri: str) -> None:
+    with pytest.raises(ConfigError):
+        vault.provider_from_uri(uri)
+
+
+def test_built_in_schemes_are_looked_up_before_plug_ins(monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_up: list[str] = []
+
+    def entry_points(*, group: str) -> list[object]:
+        looked_up.append(group)
+        return []
+
+    monkeypatch.setattr(vault.importlib_metadata, "entry_points", entry_points)
+    monkeypatch.setenv("GS_URI_KEY", vault.generate_key())
+
+    assert isinstance(vault.provider_from_uri("env://GS_URI_KEY"), vault.EnvKeyProvider)
+    assert looked_up == []
+    with pytest.raises(ConfigError):
+        vault.provider_from_uri("acme-kms://key")
+    assert looked_up == [vault.KEY_PROVIDER_ENTRY_POINTS]

@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 
+from guarded_serving.encoding import TabularEncoder
 from guarded_serving.errors import GuardRejected
 from guarded_serving.guards.anomaly import AnomalyGuard, KNNAnomalyDetector
-from guarded_serving.policy import AnomalyPolicy
+from guarded_serving.policy import AnomalyPolicy, Policy
+from guarded_serving.runtimes.base import ModelInput
 from guarded_serving.types import Outcome, ScoringRequest
 
 DIM = 4
@@ -33,14 +35,28 @@ def detector() -> KNNAnomalyDetector:
     return KNNAnomalyDetector(neighbours=5).fit(train, NUMERIC).calibrate(calibration, TARGET_FPR)
 
 
+# Four numeric features, so that the encoder's matrix is the rows themselves.
+_POLICY = Policy(
+    model="gaussian",
+    features=[{"name": f"x{i}", "type": "float", "min": -1e9, "max": 1e9} for i in range(DIM)],
+    output={"positive_label": "yes", "negative_label": "no"},
+)
+_ENCODER = TabularEncoder(_POLICY)
+
+
 def _request(matrix: np.ndarray) -> ScoringRequest:
+    """A request as the schema guard leaves it: validated records as model input."""
+    records = [{f"x{i}": float(v) for i, v in enumerate(row)} for row in matrix]
     request = ScoringRequest(
         request_id="req-1",
         model=None,  # type: ignore[arg-type]
         api_key=None,
-        raw_records=[{}] * len(matrix),
+        raw_records=records,
     )
-    request.matrix = matrix
+    request.records = records
+    request.inputs = ModelInput(records, _ENCODER)
+    # The guard scores the encoder's matrix, which here is the rows themselves.
+    np.testing.assert_array_equal(request.inputs.matrix, matrix.astype(np.float32))
     return request
 
 

@@ -12,6 +12,7 @@ import pytest
 from guarded_serving.errors import InvalidInputs
 from guarded_serving.guards.schema import SchemaGuard
 from guarded_serving.policy import Policy
+from guarded_serving.runtimes.base import ModelInput
 from guarded_serving.types import Outcome, ScoringRequest
 
 _UNSET = object()
@@ -42,7 +43,8 @@ def _rejected(guard: SchemaGuard, request: ScoringRequest) -> InvalidInputs:
     assert request.verdicts[-1].stage == "validate"
     assert request.verdicts[-1].outcome is Outcome.REJECT
     assert request.verdicts[-1].code == error.code
-    assert request.matrix is None
+    assert request.inputs is None
+    assert request.records == []
     return error
 
 
@@ -65,10 +67,23 @@ def test_valid_record_passes_and_fills_the_request(
     assert request.records == [credit_record]
     assert request.context == [{}]
     assert request.explain is False
-    assert request.matrix is not None
-    assert request.matrix.shape == (1, guard.encoder.n_columns)
-    assert request.matrix.dtype == np.float32
-    np.testing.assert_array_equal(request.matrix, guard.encoder.encode([credit_record]))
+    inputs = request.inputs
+    assert isinstance(inputs, ModelInput)
+    assert len(inputs) == 1
+    assert inputs.records == [credit_record]
+    assert inputs.encoder is guard.encoder
+    # The one-hot matrix, for runtimes and guards that take one.
+    assert inputs.matrix.shape == (1, guard.encoder.n_columns)
+    assert inputs.matrix.dtype == np.float32
+    np.testing.assert_array_equal(inputs.matrix, guard.encoder.encode([credit_record]))
+    # The raw frame, for runtimes that take one: policy order, numbers and categories.
+    frame = inputs.frame
+    assert list(frame.columns) == guard.policy.feature_names
+    assert frame.shape == (1, len(guard.policy.features))
+    assert frame.loc[0, "duration_months"] == 12.0
+    assert frame["duration_months"].dtype == np.float64
+    assert frame.loc[0, "purpose"] == "A43"
+    assert frame["purpose"].dtype == object
     assert [(v.stage, v.outcome) for v in request.verdicts] == [("validate", Outcome.PASS)]
 
 
@@ -87,7 +102,8 @@ def test_valid_context_is_kept_per_row(guard: SchemaGuard, credit_record: dict[s
         {},
         {"age_band": "25_and_over"},
     ]
-    assert request.matrix is not None and request.matrix.shape[0] == 3
+    assert request.inputs is not None and len(request.inputs) == 3
+    assert request.inputs.matrix.shape[0] == 3
 
 
 def test_integral_float_and_range_bounds_are_accepted(
@@ -99,9 +115,11 @@ def test_integral_float_and_range_bounds_are_accepted(
 
     guard(request)
 
-    assert request.matrix is not None
+    assert request.inputs is not None
     column = guard.encoder.feature_columns["duration_months"].start
-    assert request.matrix[:, column].tolist() == [1.0, 120.0]
+    assert request.inputs.matrix[:, column].tolist() == [1.0, 120.0]
+    assert request.inputs.frame["duration_months"].tolist() == [1.0, 120.0]
+    assert request.inputs.frame["num_dependents"].tolist() == [0.0, 1.0]
 
 
 # (feature, value, code); the value never appears in what the client reads.
@@ -263,4 +281,40 @@ def test_a_huge_integer_is_out_of_range_not_a_crash(
     assert _problems(error) == {
         ("records[0].duration_months", "out_of_range"),
         ("records[0].credit_amount", "out_of_range"),
+    }
+
+
+def test_validate_record_returns_a_valid_record(
+    guard: SchemaGuard, credit_record: dict[str, Any]
+) -> None:
+    clean = guard.validate_record(credit_record | {"duration_months": 24.0})
+
+    assert clean == credit_record | {"duration_months": 24.0}
+    assert list(clean) == guard.policy.feature_names
+
+
+@pytest.mark.parametrize(("feature", "value", "code"), RECORD_CASES)
+def test_validate_record_applies_the_same_rules_as_requests(
+    guard: SchemaGuard, credit_record: dict[str, Any], feature: str, value: Any, code: str
+) -> None:
+    with pytest.raises(InvalidInputs) as caught:
+        guard.validate_record(credit_record | {feature: value})
+
+    assert _problems(caught.value) == {(f"records[0].{feature}", code)}
+
+
+def test_validate_record_lists_every_problem_of_the_record(
+    guard: SchemaGuard, credit_record: dict[str, Any]
+) -> None:
+    record = credit_record | {"housing": "A999", "sex": "male", "colour": "red"}
+    del record["purpose"]
+
+    with pytest.raises(InvalidInputs) as caught:
+        guard.validate_record(record)
+
+    assert _problems(caught.value) == {
+        ("records[0].housing", "unknown_category"),
+        ("records[0].purpose", "missing_field"),
+        ("records[0].sex", "protected_attribute_in_features"),
+        ("records[0].colour", "unexpected_field"),
     }

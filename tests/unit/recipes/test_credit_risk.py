@@ -109,6 +109,22 @@ def test_recipe_manifest_records_the_calibrated_anomaly_guard(
     assert 0.0 <= anomaly["holdout_flag_rate"] <= 0.05
 
 
+def test_recipe_manifest_records_the_runtime_and_the_explainer(
+    manifest: dict[str, Any],
+) -> None:
+    assert manifest["format"] == 1
+    assert manifest["output_space"] == "margin"
+    assert manifest["runtime_options"] == {}
+    # xgboost gets its own exact TreeSHAP, with nothing to fall back from.
+    assert manifest["explainer"] == {
+        "method": "tree_shap",
+        "options": {"engine": "xgboost"},
+        "notes": [],
+    }
+    # The recipe's own splits are used as given: training and validation rows.
+    assert manifest["data"] == {"train_rows": 600, "calibration_rows": 200}
+
+
 def test_recipe_stores_only_ciphertext_of_the_model(credit_run: Any) -> None:
     stored = bentoml.models.get(credit_run.tag)
     with open(stored.path_of(ARTIFACT_FILE), "rb") as fh:
