@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 
 from guarded_serving.errors import ConfigError
-from guarded_serving.policy import Policy
+from guarded_serving.policy import Policy, describe_errors
 from guarded_serving.wrap import detect_kind, read_table
 
 # Numeric ranges are widened by this share of the observed span on each side.
@@ -72,7 +73,10 @@ def draft_policy(
         "protected_attributes": attributes,
         "output": {"kind": "binary", "positive_label": "positive", "negative_label": "negative"},
     }
-    return Policy.model_validate(data)
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"cannot draft a valid policy: {describe_errors(exc)}") from None
 
 
 def draft_policy_text(

@@ -224,6 +224,19 @@ class FairnessPolicy(_Strict):
     max_equal_opportunity_difference: float = Field(0.1, ge=0.0, le=1.0)
 
 
+class RobustnessPolicy(_Strict):
+    """The attack budget a model is hardened for and audited against."""
+
+    epsilon: float = Field(gt=0.0)
+    """L-infinity budget of FGSM and PGD."""
+    epsilon_unit: Literal["absolute", "std_fraction"] = "absolute"
+    """``absolute``: in input units (0-1 pixels); ``std_fraction``: a fraction of each
+    input channel's standard deviation on the training data."""
+    pgd_steps: int = Field(10, ge=1, le=1000)
+    pgd_step_size: float | None = Field(None, gt=0.0)
+    """Per step, in the same unit as ``epsilon``; 2.5 * epsilon / steps if unset."""
+
+
 class Policy(_Strict):
     """Everything the server needs to know about one model, beside its weights."""
 
@@ -238,6 +251,7 @@ class Policy(_Strict):
     limits: LimitsPolicy = LimitsPolicy()
     explanation: ExplanationPolicy = ExplanationPolicy()
     fairness: FairnessPolicy = FairnessPolicy()
+    robustness: RobustnessPolicy | None = None
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Policy:
@@ -279,7 +293,7 @@ class Policy(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe(exc)}") from None
+            raise ConfigError(f"{source}: {describe_errors(exc)}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
@@ -294,7 +308,8 @@ class Policy(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_errors(exc: ValidationError) -> str:
+    """Field paths and messages of a validation error, without the input values."""
     parts = []
     for err in exc.errors(include_input=False, include_url=False):
         where = ".".join(str(p) for p in err["loc"]) or "(root)"

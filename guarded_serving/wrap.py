@@ -41,6 +41,7 @@ STORE_LABEL = "guarded-serving"
 _LIBRARIES = ("guarded-serving", "bentoml", "numpy", "scikit-learn", "xgboost", "shap",
               "onnxruntime", "torch", "skops")  # fmt: skip
 _MAX_CHECK_ROWS = 64
+_MIN_CALIBRATION_ROWS = 10
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,25 @@ def wrap_model(
     encoder = encoder_for(policy)
     if calibration is None:
         train, calibration = _split(train, seed)
+    if len(train) <= policy.guards.anomaly.neighbours or len(calibration) < _MIN_CALIBRATION_ROWS:
+        raise ConfigError(
+            f"need more than {policy.guards.anomaly.neighbours} training rows and at least "
+            f"{_MIN_CALIBRATION_ROWS} calibration rows (got {len(train)} and {len(calibration)})"
+        )
     train_in = _model_input(train, policy, encoder, "training data")
     calibration_in = _model_input(calibration, policy, encoder, "calibration data")
     check = ModelInput(calibration_in.records[:_MAX_CHECK_ROWS], encoder)
 
     options = dict(runtime_options or {})
     loaded = load_runtime(runtime, model_bytes, encoder, policy.output.model_output, options)
-    _check_scores(loaded.predict_score(check), loaded.output_space)
+    try:
+        scores = loaded.predict_score(check)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the model does not fit
+        raise ConfigError(
+            f"the model failed on the policy's inputs ({exc.__class__.__name__}); check that "
+            "it takes what the policy declares"
+        ) from None
+    _check_scores(scores, loaded.output_space)
 
     anomaly = policy.guards.anomaly
     detector = KNNAnomalyDetector(
@@ -139,7 +152,7 @@ def wrap_model(
             "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
             "libraries": _library_versions(),
             "figures": dict(figures or {}),
-            "data": {"train_rows": len(train_in), "calibration_rows": len(calibration_in)},
+            "data": _data_summary(policy, train_in, calibration_in),
             "explainer": explainer.manifest(),
             "calibration": {
                 "anomaly": {
@@ -282,10 +295,12 @@ def _model_input(
     missing = [name for name in policy.feature_names if name not in frame.columns]
     if missing:
         raise ConfigError(f"{what} lacks the policy's features: {', '.join(missing)}")
+    categorical = {f.name for f in policy.features if f.type == "category"}
     records = [
-        {k: _plain(v) for k, v in row.items()}
+        {k: str(v) if k in categorical and isinstance(v, bool | np.bool_) else _plain(v)
+         for k, v in row.items()}
         for row in frame[policy.feature_names].to_dict("records")
-    ]
+    ]  # fmt: skip
     guard = SchemaGuard(policy, encoder)
     problems = []
     for i, record in enumerate(records):
@@ -324,6 +339,21 @@ def _tensor_input(
                 f"{what}: row {i} breaks the policy at {where}: {problem.code}"
             ) from None
     return ModelInput(records, encoder)
+
+
+def _data_summary(policy: Policy, train: ModelInput, calibration: ModelInput) -> dict[str, Any]:
+    """Row counts, and for tensor inputs the per-channel spread of the training data
+    (the unit of ``robustness.epsilon_unit: std_fraction``)."""
+    summary: dict[str, Any] = {"train_rows": len(train), "calibration_rows": len(calibration)}
+    spec = policy.input
+    if spec is not None:
+        tensor = train.tensor.astype(np.float64)
+        if spec.range_axis is not None:
+            other = tuple(a + 1 for a in range(len(spec.shape)) if a != spec.range_axis)
+            summary["channel_std"] = tensor.std(axis=(0, *other)).tolist()
+        else:
+            summary["channel_std"] = [float(tensor.std())]
+    return summary
 
 
 def _plain(value: Any) -> Any:

@@ -10,6 +10,7 @@ the policy and are stated in every answer.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 METHOD = "kernel_shap"
 # The efficiency constraint is solved exactly; only float rounding remains.
 TOLERANCE = 1e-6
+_SEED = 0
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 class KernelShapExplainer:
@@ -70,11 +73,7 @@ class KernelShapExplainer:
             if time.perf_counter() > deadline:
                 out.append(self._skipped(details))
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                values = self._explainer.shap_values(
-                    codes[row : row + 1], nsamples=self.budget.samples, silent=True
-                )
+            values = self._shap_values(codes[row : row + 1])
             values = np.asarray(values, dtype=np.float64).reshape(-1)
             out.append(
                 Explanation(
@@ -87,6 +86,18 @@ class KernelShapExplainer:
                 )
             )
         return out
+
+    def _shap_values(self, row: np.ndarray) -> np.ndarray:
+        # shap draws its coalitions from numpy's global generator: seed it per row, so
+        # the same row always gets the same attributions, and restore it afterwards.
+        with _GLOBAL_RNG_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = np.random.get_state()
+            np.random.seed(_SEED)
+            try:
+                return self._explainer.shap_values(row, nsamples=self.budget.samples, silent=True)
+            finally:
+                np.random.set_state(state)
 
     @property
     def _background_rows(self) -> int:

@@ -97,7 +97,13 @@ def load_runtime(
     if kind == "xgboost":
         from guarded_serving.runtimes.xgboost import XGBoostRuntime
 
-        return XGBoostRuntime.from_bytes(model_bytes)
+        runtime = XGBoostRuntime.from_bytes(model_bytes)
+        if runtime.n_features != encoder.n_columns:
+            raise ConfigError(
+                f"the xgboost model takes {runtime.n_features} columns, the policy encodes "
+                f"{encoder.n_columns}"
+            )
+        return runtime
     if kind == "sklearn":
         from guarded_serving.runtimes.sklearn import SklearnRuntime
 

@@ -10,6 +10,7 @@ sigmoid.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -32,7 +33,11 @@ class TorchScriptRuntime:
         cls, model_bytes: bytes, output_space: OutputSpace | None = None
     ) -> TorchScriptRuntime:
         try:
-            module = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu")
+            with warnings.catch_warnings():
+                # TorchScript is deprecated upstream in favour of torch.export, but it is
+                # still the format users ship; loading it must not warn per model.
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                module = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu")
         except RuntimeError:
             raise ConfigError("the model is not a TorchScript module") from None
         return cls(module, output_space or "margin")

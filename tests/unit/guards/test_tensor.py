@@ -1,0 +1,112 @@
+"""Tensor records: shapes, types, non-finite and out-of-range values, PNG images."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from guarded_serving.errors import InvalidInputs
+from guarded_serving.guards.schema import SchemaGuard
+from guarded_serving.policy import Policy
+
+IMAGE = Policy.model_validate(
+    {
+        "model": "image",
+        "input": {"shape": [4, 3], "axes": ["row", "column"], "min": 0, "max": 1,
+                  "png_scale": 255},
+        "output": {"positive_label": "yes", "negative_label": "no"},
+    }
+)  # fmt: skip
+SENSORS = Policy.model_validate(
+    {
+        "model": "sensors",
+        "input": {"shape": [5, 2], "axes": ["cycle", "sensor"], "min": [0, 10], "max": [1, 20],
+                  "range_axis": 1, "channel_names": ["t", "p"]},
+        "output": {"positive_label": "yes", "negative_label": "no"},
+    }
+)  # fmt: skip
+
+
+def _png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _problem(policy: Policy, record) -> tuple[str, str]:
+    with pytest.raises(InvalidInputs) as caught:
+        SchemaGuard(policy).validate_record(record)
+    problem = caught.value.problems[0]
+    return problem.field, problem.code
+
+
+def test_a_valid_array_becomes_float32():
+    record = np.full((4, 3), 0.5).tolist()
+    array = SchemaGuard(IMAGE).validate_record(record)
+    assert array.dtype == np.float32 and array.shape == (4, 3)
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "code"),
+    [
+        ([[0.1] * 3] * 3, "records[0]", "wrong_shape"),
+        ([[0.1] * 3] * 3 + [[0.1, 0.1]], "records[0]", "wrong_shape"),
+        ([[0.1] * 3] * 3 + [["a", 0.1, 0.1]], "records[0]", "wrong_type"),
+        ([[0.1] * 3] * 3 + [[None, 0.1, 0.1]], "records[0]", "wrong_type"),
+        ("not an array", "records[0]", "wrong_type"),
+        (
+            [[0.1] * 3] * 2 + [[0.1, float("nan"), 0.1]] + [[0.1] * 3],
+            "records[0][2][1]",
+            "not_finite",
+        ),
+        ([[0.1] * 3] * 3 + [[0.1, 0.1, 1.5]], "records[0][3][2]", "out_of_range"),
+    ],
+)
+def test_bad_arrays_name_the_element(record, field, code):
+    assert _problem(IMAGE, record) == (field, code)
+
+
+def test_ranges_apply_per_channel():
+    good = [[0.5, 15.0]] * 5
+    assert SchemaGuard(SENSORS).validate_record(good).shape == (5, 2)
+    bad = [[0.5, 15.0]] * 4 + [[0.5, 25.0]]
+    assert _problem(SENSORS, bad) == ("records[0][4][1]", "out_of_range")
+    # 15 is fine for the second channel but not for the first.
+    assert _problem(SENSORS, [[15.0, 15.0]] + [[0.5, 15.0]] * 4) == (
+        "records[0][0][0]",
+        "out_of_range",
+    )
+
+
+def test_png_images_are_scaled():
+    pixels = np.arange(12).reshape(4, 3) * 20
+    array = SchemaGuard(IMAGE).validate_record({"png": _png(pixels)})
+    np.testing.assert_allclose(array, pixels / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "code"),
+    [
+        ({"png": "%%%"}, "records[0].png", "not_base64"),
+        ({"png": base64.b64encode(b"not an image").decode()}, "records[0].png", "not_png"),
+        ({"png": _png(np.zeros((5, 5)))}, "records[0].png", "wrong_shape"),
+        ({"png": "A" * 300_000}, "records[0].png", "too_large"),
+        ({"jpeg": "x"}, "records[0]", "wrong_type"),
+    ],
+)
+def test_bad_images_are_refused(record, field, code):
+    assert _problem(IMAGE, record) == (field, code)
+
+
+def test_arrays_only_models_refuse_images():
+    assert _problem(SENSORS, {"png": _png(np.zeros((5, 2)))}) == ("records[0]", "wrong_type")
+
+
+def test_error_messages_never_echo_values():
+    with pytest.raises(InvalidInputs) as caught:
+        SchemaGuard(IMAGE).validate_record([[0.1] * 3] * 3 + [[0.1, 0.1, 1234.5678]])
+    assert "1234" not in str(caught.value.to_dict())
