@@ -47,6 +47,13 @@ class LoadedModel:
     explainer: Explainer
     manifest: dict[str, Any]
 
+    def torch_module(self) -> Any | None:
+        """The differentiable torch module behind the model, if it has one: the
+        TorchScript model itself, or the module an ONNX model was exported from."""
+        if self.runtime.kind == "torchscript":
+            return self.runtime.module  # type: ignore[attr-defined]
+        return getattr(self.explainer, "module", None)
+
 
 @dataclass(slots=True)
 class ModelStatus:

@@ -13,6 +13,7 @@ tensor inputs the answer is a map of the input's shape with a coarse summary (se
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ class IntegratedGradientsExplainer:
     """
 
     method = METHOD
+    module: Any = None
+    """The torch module behind ``forward``, when there is one (robustness audits)."""
 
     def __init__(
         self,

@@ -134,16 +134,18 @@ def build(
     if method == "integrated_gradients":
         from guarded_serving.explain.gradient import IntegratedGradientsExplainer
 
-        forward = _forward(runtime, files.get("explainer_module.pt"))
+        module = _module(runtime, files.get("explainer_module.pt"))
         settings = policy.explanation.gradient.model_copy(update={"steps": options["steps"]})
-        return IntegratedGradientsExplainer(
-            forward,
+        explainer = IntegratedGradientsExplainer(
+            module.forward,
             encoder,
             np.load(io.BytesIO(files["background.npy"])),
             settings,
             tolerance=policy.explanation.gradient.tolerance,
             output_space=_space(runtime),
         )
+        explainer.module = module.module
+        return explainer
     if method == "kernel_shap":
         from guarded_serving.explain.kernel import KernelShapExplainer
 
@@ -250,12 +252,13 @@ def _gradient(
     return ExplainerChoice("integrated_gradients", options, files, notes)
 
 
-def _forward(runtime: Runtime, module_bytes: bytes | None) -> Any:
+def _module(runtime: Runtime, module_bytes: bytes | None) -> Any:
+    """The TorchScript runtime gradients are taken through."""
     if module_bytes is None:
-        return runtime.forward  # type: ignore[attr-defined]
+        return runtime
     from guarded_serving.runtimes.torch import TorchScriptRuntime
 
-    return TorchScriptRuntime.from_bytes(module_bytes, output_space=runtime.output_space).forward
+    return TorchScriptRuntime.from_bytes(module_bytes, output_space=runtime.output_space)
 
 
 def _space(runtime: Runtime) -> str:
