@@ -1,25 +1,30 @@
 """The end-to-end demo: train, encrypt, serve with guards, query with real rows, report.
 
 Everything runs on this machine on the embedded defaults: a master key file created
-with mode 0600 if there is none, the BentoML model store, an API key for a ``demo``
-client, a BentoML server on 127.0.0.1, the held-out German credit rows sent as real
-requests with their true labels sent back as feedback, and the fairness table.
+with mode 0600 if there is none, the reference models trained (first run only) and
+wrapped into the BentoML model store, an API key for a ``demo`` client, one BentoML
+server on 127.0.0.1 serving them all, the held-out German credit rows sent as real
+requests with their true labels sent back as feedback, the fairness table, and one
+real answer each from the pneumonia and engine-failure networks.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import bentoml
 import httpx
+import numpy as np
 
 from guarded_serving import vault
 from guarded_serving.guards.identify import add_client
 from guarded_serving.local_server import LocalServer
 from guarded_serving.policy import Policy
-from guarded_serving.recipes import credit_risk
+from guarded_serving.recipes import RECIPES, credit_risk, load_recipe
 from guarded_serving.server import resolve_key_provider
 from guarded_serving.settings import GuardedServingSettings
 from guarded_serving.wrap import MANIFEST_FILE
@@ -40,13 +45,8 @@ def run_demo(port: int = 0, echo: Any = print) -> int:
     else:
         echo(f"using master key {provider.key_id}")
 
-    echo("\n== 2. reference model")
-    tag = _model_for_key(provider.key_id)
-    if tag is None:
-        tag = credit_risk.run(provider, echo=echo)
-    else:
-        echo(f"reusing {tag}, sealed with this master key ('guarded-serving train credit_risk'")
-        echo("retrains it)")
+    echo("\n== 2. reference models")
+    tags = {name: _ensure_model(name, provider, echo) for name in RECIPES}
 
     keys_file = state / "demo-api-keys.yaml"
     api_key = add_client(keys_file, "demo")
@@ -54,7 +54,7 @@ def run_demo(port: int = 0, echo: Any = print) -> int:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{fairness_db}{suffix}").unlink(missing_ok=True)
     env = {
-        "GUARDED_SERVING_MODELS": json.dumps([tag]),
+        "GUARDED_SERVING_MODELS": json.dumps(list(tags.values())),
         "GUARDED_SERVING_API_KEYS_FILE": str(keys_file.resolve()),
         "GUARDED_SERVING_FAIRNESS__DB_PATH": str(fairness_db.resolve()),
         "GUARDED_SERVING_MASTER_KEY_FILE": str(settings.master_key_file.resolve()),
@@ -67,14 +67,26 @@ def run_demo(port: int = 0, echo: Any = print) -> int:
             base_url=server.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30.0
         ) as client:
             _query(client, echo)
+            _query_networks(client, echo)
     echo("\nserver stopped")
     return 0
 
 
-def _model_for_key(key_id: str) -> str | None:
-    """The newest stored credit_risk model sealed with this key, if any."""
+def _ensure_model(name: str, provider: vault.KeyProvider, echo: Any) -> str:
+    """The newest stored model of a recipe sealed with this key; trained if there is none."""
+    tag = _model_for_key(name, provider.key_id)
+    if tag is not None:
+        echo(f"reusing {tag} ('guarded-serving train {name}' retrains it)")
+        return tag
+    echo(f"training {name} (first run only)")
+    result = load_recipe(name).run(provider, echo=echo)
+    return result[-1] if isinstance(result, list) else result
+
+
+def _model_for_key(name: str, key_id: str) -> str | None:
+    """The newest stored model of that name sealed with this key, if any."""
     try:
-        models = bentoml.models.list("credit_risk")
+        models = bentoml.models.list(name)
     except bentoml.exceptions.NotFound:
         return None
     for model in sorted(models, key=lambda m: m.info.creation_time, reverse=True):
@@ -144,6 +156,72 @@ def _query(client: httpx.Client, echo: Any) -> None:
     echo("\n== 7. fairness per protected group: GET /fairness")
     report = client.get("/fairness").raise_for_status().json()
     _show_fairness(report, echo)
+
+
+def _query_networks(client: httpx.Client, echo: Any) -> None:
+    if "pneumonia" in RECIPES:
+        echo("\n== 8. pneumonia: a chest X-ray as a PNG, explained as a map")
+        x, y = load_recipe("pneumonia").test_data()
+        index = int(np.flatnonzero(y == 1)[0])
+        png = _png(x[index])
+        reply = client.post("/predict", json={"model": "pneumonia", "records": [{"png": png}]})
+        reply.raise_for_status()
+        prediction = reply.json()["predictions"][0]
+        truth = "pneumonia" if y[index] else "normal"
+        _show_network(prediction, f"test image {index} (truth {truth})", echo)
+        patches = np.asarray(prediction["explanation"]["attributions"]["patches"])
+        order = np.argsort(-np.abs(patches), axis=None)[:3]
+        for flat in order:
+            row, col = np.unravel_index(flat, patches.shape)
+            echo(f"    {patches[row, col]:+.3f}  patch row {row}, column {col} (4x4 pixels)")
+        bad = client.post(
+            "/predict", json={"model": "pneumonia", "records": [x[index][:20].tolist()]}
+        )
+        echo(f"    a 20x28 array instead -> {bad.status_code} {_error(bad)}")
+    if "engine_failure" in RECIPES:
+        echo("\n== 9. engine_failure: the last 30 cycles of a test engine")
+        x, y = load_recipe("engine_failure").test_data()
+        index = int(np.flatnonzero(y == 1)[0])
+        reply = client.post(
+            "/predict", json={"model": "engine_failure", "records": [x[index].tolist()]}
+        )
+        reply.raise_for_status()
+        prediction = reply.json()["predictions"][0]
+        truth = "fails within 30 cycles" if y[index] else "runs past 30 cycles"
+        _show_network(prediction, f"test engine {index} (truth: {truth})", echo)
+        totals = prediction["explanation"]["attributions"]["totals"]
+        for sensor, value in sorted(totals.items(), key=lambda kv: -abs(kv[1]))[:3]:
+            echo(f"    {value:+.3f}  {sensor} (all 30 cycles)")
+        broken = x[index].tolist()
+        broken[29][0] = float("nan")
+        bad = client.post(
+            "/predict",
+            content=json.dumps({"model": "engine_failure", "records": [broken]}),
+            headers={"Content-Type": "application/json"},
+        )
+        echo(f"    a NaN reading instead -> {bad.status_code} {_error(bad)}")
+
+
+def _show_network(prediction: dict, what: str, echo: Any) -> None:
+    anomaly = prediction["guards"]["anomaly"]
+    explanation = prediction["explanation"]
+    echo(
+        f"{what}: {prediction['label']} (p={prediction['probability']:.3f}); "
+        f"anomaly {anomaly['verdict']}"
+    )
+    echo(
+        f"    {explanation['method']}: base {explanation['base_value']:+.3f} + map total "
+        f"= {explanation['output']:+.3f} (completeness gap "
+        f"{explanation['completeness_gap']:+.1e}, tolerance {explanation['tolerance']})"
+    )
+
+
+def _png(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(image * 255).astype(np.uint8), mode="L").save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _show_prediction(
