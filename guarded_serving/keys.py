@@ -49,6 +49,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guarded_serving.errors import ArtifactTampered, ConfigError, GuardedServingError
+from guarded_serving.files import replace_file, write_new_file
 
 logger = logging.getLogger(__name__)
 
@@ -311,34 +312,18 @@ def generate_key_file(path: str | os.PathLike[str], *, overwrite: bool = False) 
 
     if not overwrite:
         try:
-            _write_new_file(target, data)
+            write_new_file(target, data)
         except FileExistsError:
             raise ConfigError(
                 f"master key file {target} already exists; pass overwrite=True to replace it"
             ) from None
     else:
-        staging = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            _write_new_file(staging, data)
-            os.replace(staging, target)
-        finally:
-            staging.unlink(missing_ok=True)
+        replace_file(target, data)
 
     logger.info(
         "wrote a new master key file %s", target, extra={"event": "vault.key_file_created"}
     )
     return FileKeyProvider(target)
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- choosing a provider by URI ---------------------------------------------------------

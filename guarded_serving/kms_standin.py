@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guarded_serving.errors import ConfigError
+from guarded_serving.files import replace_file
 from guarded_serving.kms import _KEY_NAME_RE, _KEY_NAME_RULE, _b64, _unb64
 
 logger = logging.getLogger(__name__)
@@ -87,22 +88,11 @@ def _save_keys_file(path: Path, keys: Mapping[str, bytes]) -> None:
         "keys": {n: base64.urlsafe_b64encode(k).decode("ascii") for n, k in sorted(keys.items())}
     }
     data = (json.dumps(document, indent=2) + "\n").encode("ascii")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(staging, path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        replace_file(path, data, 0o600)
     except OSError as exc:
         raise ConfigError(f"KMS keys file {path} cannot be written ({exc.strerror})") from None
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 class KmsStandIn:

@@ -25,8 +25,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ import bentoml
 
 from guarded_serving import vault
 from guarded_serving.errors import ArtifactError, ConfigError, WrongMasterKey
+from guarded_serving.files import replace_file
 from guarded_serving.wrap import ARTIFACT_FILE, MANIFEST_FILE, STORE_LABEL
 
 logger = logging.getLogger(__name__)
@@ -182,38 +181,12 @@ def _select(names: Sequence[str] | None) -> Iterator[tuple[str, bentoml.Model | 
 
 
 def _replace(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and move it over ``path`` in one step."""
-    staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    """Write ``data`` over ``path`` in one step, keeping its mode."""
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
         mode = 0o644
-    try:
-        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    replace_file(path, data, mode)
 
 
 def _record(stored: bentoml.Model, sealed: bytes, key_id: str) -> None:
