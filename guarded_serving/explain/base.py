@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import hashlib
+from typing import Any, Protocol
+
+import numpy as np
 
 from guarded_serving.runtimes.base import ModelInput
 from guarded_serving.types import Explanation, ScoringRequest
@@ -14,6 +17,21 @@ class Explainer(Protocol):
     method: str
 
     def explain(self, inputs: ModelInput) -> list[Explanation]: ...
+
+
+def describe_background(background: np.ndarray) -> dict[str, Any]:
+    """How an answer names the background set it was explained against.
+
+    The rows are a seeded sample of the training data given to ``wrap``, fixed
+    in the sealed artifact; the fingerprint (SHA-256 of the rows as contiguous
+    float64) matches the one the manifest records for the explainer.
+    """
+    rows = np.ascontiguousarray(background, dtype=np.float64)
+    return {
+        "rows": int(rows.shape[0]),
+        "drawn_from": "training data given to wrap",
+        "sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
+    }
 
 
 class ExplainStage:

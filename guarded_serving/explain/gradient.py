@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from guarded_serving.encoding import TabularEncoder, TensorEncoder
+from guarded_serving.explain.base import describe_background
 from guarded_serving.explain.maps import report_for
 from guarded_serving.policy import GradientPolicy
 from guarded_serving.runtimes.base import ModelInput
@@ -61,6 +62,7 @@ class IntegratedGradientsExplainer:
         self.tolerance = tolerance
         self._report = report_for(encoder)
         self._background = torch.from_numpy(np.ascontiguousarray(background, dtype=np.float32))
+        self.background = describe_background(background)
         with torch.no_grad():
             self._base = float(self.forward(self._background).double().mean())
 
@@ -83,7 +85,11 @@ class IntegratedGradientsExplainer:
 
     def explain(self, inputs: ModelInput) -> list[Explanation]:
         columns, logits = self.column_attributions(inputs.matrix)
-        details = {"background_rows": int(self._background.shape[0]), "steps": self.steps}
+        details = {
+            "background_rows": self.background["rows"],
+            "background": self.background,
+            "steps": self.steps,
+        }
         result = []
         for row in range(len(inputs)):
             gap = float(logits[row] - self._base - columns[row].sum())

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 
 from guarded_serving.encoding import TabularEncoder
+from guarded_serving.explain.base import describe_background
 from guarded_serving.policy import KernelShapPolicy
 from guarded_serving.runtimes.base import ModelInput, Runtime
 from guarded_serving.types import Explanation
@@ -57,6 +58,7 @@ class KernelShapExplainer:
         self.output_space = "log_odds" if runtime.output_space == "margin" else "probability"
         self._names = list(encoder.feature_columns)
         self._explainer = shap.KernelExplainer(self._score, background, link="identity")
+        self.background = describe_background(background)
         self._base = float(np.asarray(self._explainer.expected_value).reshape(-1)[0])
 
     def _score(self, codes: np.ndarray) -> np.ndarray:
@@ -67,6 +69,7 @@ class KernelShapExplainer:
         codes = self.encoder.to_codes(inputs.records)
         deadline = time.perf_counter() + self.budget.time_budget_ms / 1000.0
         details = {"samples": self.budget.samples, "background_rows": self._background_rows,
+                   "background": self.background,
                    "time_budget_ms": self.budget.time_budget_ms}  # fmt: skip
         out: list[Explanation] = []
         for row in range(len(inputs)):

@@ -18,7 +18,7 @@ import numpy as np
 
 from guarded_serving.encoding import TabularEncoder, TensorEncoder
 from guarded_serving.errors import ConfigError
-from guarded_serving.explain.base import Explainer
+from guarded_serving.explain.base import Explainer, describe_background
 from guarded_serving.policy import Policy
 from guarded_serving.runtimes.base import ModelInput, Runtime
 
@@ -109,7 +109,8 @@ def choose(
         )
     rows = _sample(len(train), policy.explanation.kernel.background_rows, rng)
     background = encoder.to_codes([train.records[i] for i in rows])
-    return ExplainerChoice("kernel_shap", {}, {"background.npy": _npy(background)}, notes)
+    options = {"background_sha256": describe_background(background)["sha256"]}
+    return ExplainerChoice("kernel_shap", options, {"background.npy": _npy(background)}, notes)
 
 
 def build(
@@ -248,7 +249,11 @@ def _gradient(
     files = {"background.npy": _npy(background)}
     if torch_module is not None:
         files["explainer_module.pt"] = torch_module
-    options = {"steps": steps, "verified_max_gap": gap}
+    options = {
+        "steps": steps,
+        "verified_max_gap": gap,
+        "background_sha256": describe_background(background)["sha256"],
+    }
     return ExplainerChoice("integrated_gradients", options, files, notes)
 
 

@@ -11,6 +11,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from guarded_serving.encoding import TabularEncoder
+from guarded_serving.explain.base import describe_background
 from guarded_serving.explain.kernel import METHOD, TOLERANCE, KernelShapExplainer
 from guarded_serving.policy import CategoricalFeature, KernelShapPolicy, Policy
 from guarded_serving.runtimes.base import ModelInput
@@ -89,6 +90,7 @@ def test_base_value_plus_attributions_equals_the_score_for_every_row(fitted: Fit
         assert explanation.details == {
             "samples": BUDGET.samples,
             "background_rows": BUDGET.background_rows,
+            "background": describe_background(fitted.background),
             "time_budget_ms": BUDGET.time_budget_ms,
         }
     # The base value is the mean score over the background rows.
