@@ -4,9 +4,8 @@ A record is a nested JSON array of the declared shape, or, for 2-D grey images w
 policy sets ``png_scale``, an object ``{"png": "<base64>"}``. Problems name the first
 offending element (``records[3][12][7]``) and never echo its value.
 
-Known limitations: a JSON ``true`` inside a numeric array is read as 1 by the array
-conversion rather than refused; a PNG is decoded only when its header says it has
-the declared size, so a hostile image costs at most one small decode.
+A PNG is decoded only when its header says it has the declared size, so a hostile
+image costs at most one small decode.
 """
 
 from __future__ import annotations
@@ -59,6 +58,9 @@ class TensorCheck:
             return None, InvalidInput(where, "wrong_type", "expected numbers only")
         if array.shape != self.shape:
             return None, InvalidInput(where, "wrong_shape", f"expected shape {list(self.shape)}")
+        flag = _first_boolean(array.shape, value)
+        if flag is not None:
+            return None, InvalidInput(where + flag, "wrong_type", "expected a number")
         return self._values(where, array.astype(np.float64))
 
     def _values(
@@ -72,9 +74,17 @@ class TensorCheck:
         outside = (array < self.low) | (array > self.high)
         if outside.any():
             return None, InvalidInput(
-                _at(where, outside), "out_of_range", "outside the allowed range"
+                _at(where, outside), "out_of_range", f"{self._element(outside)} outside its range"
             )
         return array.astype(np.float32), None
+
+    def _element(self, mask: np.ndarray) -> str:
+        """The first flagged element named by its channel where the policy names them."""
+        axis, names = self.spec.range_axis, self.spec.channel_names
+        if axis is None or not names:
+            return "value"
+        index = np.unravel_index(int(np.flatnonzero(mask)[0]), mask.shape)
+        return names[index[axis]]
 
     def _png(self, where: str, value: dict) -> tuple[np.ndarray | None, InvalidInput | None]:
         if self.spec.png_scale is None:
@@ -102,6 +112,21 @@ class TensorCheck:
         except (UnidentifiedImageError, OSError, ValueError):
             return None, InvalidInput(f"{where}.png", "not_png", "expected a PNG image")
         return self._values(where, pixels / self.spec.png_scale)
+
+
+def _first_boolean(shape: tuple[int, ...], value: list) -> str | None:
+    """Where a JSON ``true`` or ``false`` sits in a numeric array (numpy reads them as
+    1 and 0), as ``[i][j]``; ``None`` when there is none."""
+    if len(shape) == 1:
+        for i, item in enumerate(value):
+            if isinstance(item, bool):
+                return f"[{i}]"
+        return None
+    for i, inner in enumerate(value):
+        found = _first_boolean(shape[1:], inner)
+        if found is not None:
+            return f"[{i}]{found}"
+    return None
 
 
 def _at(where: str, mask: np.ndarray) -> str:

@@ -64,6 +64,9 @@ def test_a_valid_array_becomes_float32():
             "not_finite",
         ),
         ([[0.1] * 3] * 3 + [[0.1, 0.1, 1.5]], "records[0][3][2]", "out_of_range"),
+        # numpy would read JSON true and false as 1 and 0.
+        ([[0.1] * 3] * 3 + [[0.1, True, 0.1]], "records[0][3][1]", "wrong_type"),
+        ([[False, 0.1, 0.1]] + [[0.1] * 3] * 3, "records[0][0][0]", "wrong_type"),
     ],
 )
 def test_bad_arrays_name_the_element(record, field, code):
@@ -80,6 +83,12 @@ def test_ranges_apply_per_channel():
         "records[0][0][0]",
         "out_of_range",
     )
+
+
+def test_an_out_of_range_reading_is_named_by_its_channel():
+    with pytest.raises(InvalidInputs) as caught:
+        SchemaGuard(SENSORS).validate_record([[0.5, 15.0]] * 4 + [[0.5, 25.0]])
+    assert caught.value.problems[0].message == "records[0][4][1]: p outside its range"
 
 
 def test_png_images_are_scaled():
