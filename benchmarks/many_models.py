@@ -17,6 +17,7 @@ With ``--write-doc`` the table is also written to docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -84,8 +85,11 @@ def measure(tags: list[str], env: dict[str, str], key: str, requests: int, state
     policy, _, test = adult_models.load()
     row = adult_models.records(test.head(1), policy)
     body = {"model": tags[0].split(":")[0], "records": row}
-    env = {**env, "GUARDED_SERVING_MODELS": "[" + ",".join(f'"{t}"' for t in tags) + "]",
-           "GUARDED_SERVING_FAIRNESS__DB_PATH": str(state / f"fairness-{len(tags)}.sqlite3")}  # fmt: skip
+    env = {
+        **env,
+        "GUARDED_SERVING_MODELS": json.dumps(tags),
+        "GUARDED_SERVING_FAIRNESS__DB_PATH": str(state / f"fairness-{len(tags)}.sqlite3"),
+    }
     started = time.perf_counter()
     with LocalServer(env=env, cwd=state) as server:
         startup_s = time.perf_counter() - started
@@ -133,7 +137,7 @@ def main() -> int:
     growth = many["p50_ms"] / one["p50_ms"] - 1
 
     lines = [
-        f"| models loaded | start-up (s) | resident memory (MiB) | p50 (ms) | p95 (ms) |",
+        "| models loaded | start-up (s) | resident memory (MiB) | p50 (ms) | p95 (ms) |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in (one, many):
