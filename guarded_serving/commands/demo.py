@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="train, encrypt, serve and query the reference model")
+    parser = sub.add_parser("demo", help="train, encrypt, serve and query the reference models")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.set_defaults(func=run)
 
