@@ -6,10 +6,20 @@ import argparse
 import logging
 import sys
 
-from guarded_serving.commands import demo, keys, kms, policy, rekey, serve, train, wrap
+from guarded_serving.commands import (
+    demo,
+    keys,
+    kms,
+    policy,
+    rekey,
+    robustness,
+    serve,
+    train,
+    wrap,
+)
 from guarded_serving.errors import GuardedServingError
 
-COMMANDS = (wrap, policy, train, keys, rekey, kms, serve, demo)
+COMMANDS = (wrap, policy, train, robustness, keys, rekey, kms, serve, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
