@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import bentoml
@@ -62,6 +63,8 @@ class ModelStatus:
     version: str | None = None
     ready: bool = False
     reason: str | None = None
+    registered_at: datetime | None = None
+    """When this version entered the model store; None when it is not there."""
     model: LoadedModel | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,53 +141,79 @@ def tags_with_label(label: str) -> list[str]:
 class ModelRegistry:
     """Load every configured model once; route requests by name (and version).
 
+    Several versions of one model may be served side by side (say a standard and a
+    hardened network). A request that names a version gets exactly that one; a
+    request that names only the model gets the default version: the newest one
+    configured, by the time it was registered in the store. When that one failed to
+    load, such requests get ``model_unavailable`` rather than an older version.
+
     Raises:
-        ConfigError: A tag is malformed, or names a model already listed.
+        ConfigError: A tag is malformed, or a version is listed more than once.
     """
 
     def __init__(self, tags: list[str], provider: vault.KeyProvider | None) -> None:
-        self._by_name: dict[str, ModelStatus] = {}
+        self._statuses: list[ModelStatus] = []
+        self._by_name: dict[str, list[ModelStatus]] = {}
+        self._default: dict[str, ModelStatus] = {}
         for tag in tags:
             try:
-                name = bentoml.Tag.from_taglike(tag).name
+                parsed = bentoml.Tag.from_taglike(tag)
             except ValueError:
                 raise ConfigError(f"models: {tag!r} is not a valid BentoML model tag") from None
-            if name in self._by_name:
-                raise ConfigError(f"models: {name} is listed more than once (got {tag!r})")
-            status = ModelStatus(tag=tag, name=name)
-            self._by_name[name] = status
-            if provider is None:
-                status.reason = "no master key configured"
-                logger.error("model %s not ready: %s", tag, status.reason)
-                continue
+            status = ModelStatus(tag=tag, name=parsed.name)
+            self._statuses.append(status)
+            self._by_name.setdefault(parsed.name, []).append(status)
             try:
-                model = open_model(tag, provider)
-            except GuardedServingError as exc:
-                status.reason = exc.message
+                stored = bentoml.models.get(parsed)
             except bentoml.exceptions.NotFound:
                 status.reason = "not found in the model store"
-            except Exception as exc:  # noqa: BLE001 - one broken model must not stop the rest
-                status.reason = f"cannot be loaded ({exc.__class__.__name__})"
-                logger.exception("model %s failed to load", tag, extra={"event": "model.failed"})
+            except Exception as exc:  # noqa: BLE001 - an unreadable entry must not stop the rest
+                status.reason = f"cannot be read from the model store ({exc.__class__.__name__})"
             else:
-                status.model, status.version, status.ready = model, model.version, True
-                logger.info(
-                    "model %s:%s ready", name, model.version, extra={"event": "model.ready"}
+                status.version = stored.tag.version
+                status.registered_at = stored.info.creation_time
+                _refuse_repeats(self._by_name[parsed.name], status)
+            if status.reason is None:
+                self._open(status, provider)
+            if not status.ready:
+                logger.error(
+                    "model %s not ready: %s", tag, status.reason, extra={"event": "model.failed"}
                 )
-                continue
-            logger.error(
-                "model %s not ready: %s", tag, status.reason, extra={"event": "model.failed"}
+        for name, versions in self._by_name.items():
+            self._default[name] = _newest(versions)
+
+    @staticmethod
+    def _open(status: ModelStatus, provider: vault.KeyProvider | None) -> None:
+        if provider is None:
+            status.reason = "no master key configured"
+            return
+        try:
+            model = open_model(f"{status.name}:{status.version}", provider)
+        except GuardedServingError as exc:
+            status.reason = exc.message
+        except bentoml.exceptions.NotFound:
+            status.reason = "not found in the model store"
+        except Exception as exc:  # noqa: BLE001 - one broken model must not stop the rest
+            status.reason = f"cannot be loaded ({exc.__class__.__name__})"
+            logger.exception(
+                "model %s failed to load", status.tag, extra={"event": "model.failed"}
+            )
+        else:
+            status.model, status.ready = model, True
+            logger.info(
+                "model %s:%s ready", status.name, model.version, extra={"event": "model.ready"}
             )
 
     def statuses(self) -> list[ModelStatus]:
-        return list(self._by_name.values())
+        return list(self._statuses)
 
     @property
     def all_ready(self) -> bool:
-        return all(s.ready for s in self._by_name.values())
+        return all(s.ready for s in self._statuses)
 
     def loaded(self) -> dict[str, LoadedModel]:
-        return {n: s.model for n, s in self._by_name.items() if s.model is not None}
+        """The default version of each model name, where it loaded."""
+        return {n: s.model for n, s in self._default.items() if s.model is not None}
 
     def get(self, name: Any, version: Any = None) -> LoadedModel:
         """Resolve a request's model; the only served model when ``name`` is omitted.
@@ -198,13 +227,37 @@ class ModelRegistry:
             if value is not None and not isinstance(value, str):
                 raise InvalidInput(where, "wrong_type", "expected a string")
         if name is None and len(self._by_name) == 1:
-            status = next(iter(self._by_name.values()))
+            name = next(iter(self._by_name))
         elif not isinstance(name, str) or name not in self._by_name:
             raise UnknownModel("no such model is served", field="model")
+        if version is None:
+            status = self._default[name]
         else:
-            status = self._by_name[name]
+            matches = [s for s in self._by_name[name] if s.version == version]
+            if not matches:
+                raise UnknownModel("no such model version is served", field="version")
+            status = matches[0]
         if status.model is None:
             raise ModelUnavailable("the model is not ready", field="model")
-        if version is not None and version != status.model.version:
-            raise UnknownModel("no such model version is served", field="version")
         return status.model
+
+
+def _newest(versions: list[ModelStatus]) -> ModelStatus:
+    """The version registered last; among equals (or unknowns), the one listed last."""
+    oldest = datetime.min.replace(tzinfo=UTC)
+    # max() keeps the first of equals, so search from the end of the list.
+    return max(reversed(versions), key=lambda s: s.registered_at or oldest)
+
+
+def _refuse_repeats(versions: list[ModelStatus], status: ModelStatus) -> None:
+    """Refuse a version already listed, perhaps under another tag (``name:latest``).
+
+    Raises:
+        ConfigError: ``status`` resolves to a version listed before it.
+    """
+    for other in versions:
+        if other is not status and other.version == status.version:
+            raise ConfigError(
+                f"models: {status.name}:{status.version} is listed more than once "
+                f"(as {other.tag!r} and {status.tag!r})"
+            )

@@ -15,6 +15,7 @@ import pytest
 from guarded_serving import vault
 from guarded_serving.errors import (
     ArtifactTampered,
+    ConfigError,
     InvalidInput,
     ModelUnavailable,
     UnknownModel,
@@ -110,6 +111,51 @@ def test_registry_serves_a_good_model(credit_run: Any) -> None:
     assert set(registry.loaded()) == {"credit_risk"}
 
 
+def test_two_versions_of_one_model_are_served_side_by_side(
+    credit_run: Any, spare_model: str
+) -> None:
+    older, newer = credit_run.tag.split(":")[1], spare_model.split(":")[1]
+
+    # Listed newest first: the default is still the one registered last.
+    registry = ModelRegistry([spare_model, credit_run.tag], credit_run.provider)
+
+    assert registry.all_ready
+    assert [s.version for s in registry.statuses()] == [newer, older]
+    assert registry.get("credit_risk").version == newer
+    assert registry.get(None).version == newer
+    assert registry.get("credit_risk", older).version == older
+    assert registry.get("credit_risk", newer) is registry.get("credit_risk")
+    assert registry.loaded()["credit_risk"].version == newer
+    with pytest.raises(UnknownModel) as caught:
+        registry.get("credit_risk", "no-such-version")
+    assert caught.value.field == "version"
+
+
+def test_a_version_listed_twice_is_refused(credit_run: Any) -> None:
+    newest = str(bentoml.models.get("credit_risk:latest").tag)
+
+    for tags in ([credit_run.tag, credit_run.tag], [newest, "credit_risk:latest"]):
+        with pytest.raises(ConfigError) as caught:
+            ModelRegistry(tags, credit_run.provider)
+        assert "listed more than once" in caught.value.message
+
+
+def test_a_broken_newest_version_is_not_replaced_by_an_older_one(
+    credit_run: Any, tampered_artifact: tuple[str, Path, bytes]
+) -> None:
+    tag, path, original = tampered_artifact
+    path.write_bytes(original[:-1] + bytes([original[-1] ^ 0x01]))
+
+    registry = ModelRegistry([credit_run.tag, tag], credit_run.provider)
+
+    ready = {s.version: s.ready for s in registry.statuses()}
+    assert ready == {credit_run.tag.split(":")[1]: True, tag.split(":")[1]: False}
+    with pytest.raises(ModelUnavailable):
+        registry.get("credit_risk")
+    assert registry.get("credit_risk", credit_run.tag.split(":")[1]).name == "credit_risk"
+    assert registry.loaded() == {}
+
+
 def test_wrong_master_key_leaves_the_model_not_ready(
     credit_run: Any, other_key: vault.FileKeyProvider
 ) -> None:
@@ -126,9 +172,10 @@ def test_wrong_master_key_leaves_the_model_not_ready(
     with pytest.raises(ModelUnavailable) as caught:
         registry.get("credit_risk")
     assert (caught.value.code, caught.value.status_code) == ("model_unavailable", 503)
+    # The version comes from the store, so an operator sees which one failed.
     assert status.to_dict() == {
         "model": "credit_risk",
-        "version": None,
+        "version": credit_run.tag.split(":")[1],
         "ready": False,
         "reason": status.reason,
     }
