@@ -31,7 +31,6 @@ from guarded_serving.runtimes.torch import TorchScriptRuntime
 from tests import adult_models
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.onnx"),
     pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
 ]

@@ -17,8 +17,6 @@ from guarded_serving.policy import Policy
 from guarded_serving.recipes import engine_failure as ef
 from guarded_serving.robustness import logits
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")
-
 
 @pytest.fixture(scope="module")
 def splits() -> ef.Splits:

@@ -16,8 +16,6 @@ from guarded_serving.policy import Policy
 from guarded_serving.recipes import pneumonia
 from guarded_serving.robustness import evaluate_robustness, logits
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")
-
 
 @pytest.fixture(scope="module")
 def splits() -> pneumonia.Splits:

@@ -33,8 +33,6 @@ from guarded_serving.runtimes.torch import TorchScriptRuntime
 from guarded_serving.runtimes.xgboost import XGBoostRuntime
 from tests import adult_models
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")
-
 SEED = 11
 
 
