@@ -112,6 +112,7 @@ def _query(client: httpx.Client, echo: Any) -> None:
         reply = client.post(
             "/predict",
             json={
+                "model": "credit_risk",
                 "records": records[start : start + BATCH_ROWS],
                 "context": context[start : start + BATCH_ROWS],
             },
@@ -132,14 +133,14 @@ def _query(client: httpx.Client, echo: Any) -> None:
 
     echo("\n== 5. the guards refusing bad input")
     bad = dict(records[0], purpose="A499")
-    reply = client.post("/predict", json={"records": [bad]})
+    reply = client.post("/predict", json={"model": "credit_risk", "records": [bad]})
     echo(f"unknown category   -> {reply.status_code} {_error(reply)}")
     bad = dict(records[0], credit_amount=-5)
-    reply = client.post("/predict", json={"records": [bad]})
+    reply = client.post("/predict", json={"model": "credit_risk", "records": [bad]})
     echo(f"out-of-range value -> {reply.status_code} {_error(reply)}")
     reply = httpx.post(
         str(client.base_url.join("/predict")),
-        json={"records": records[:1]},
+        json={"model": "credit_risk", "records": records[:1]},
         headers={"Authorization": "Bearer not-a-key"},
     )
     echo(f"unknown API key    -> {reply.status_code} {_error(reply)}")
@@ -147,7 +148,8 @@ def _query(client: httpx.Client, echo: Any) -> None:
     echo("\n== 6. true outcomes arrive later: POST /feedback")
     reply = client.post(
         "/feedback",
-        json={"labels": [{"id": p["id"], "label": y}
+        json={"model": "credit_risk",
+              "labels": [{"id": p["id"], "label": y}
                          for p, y in zip(predictions, labels, strict=True)]},
     )  # fmt: skip
     reply.raise_for_status()

@@ -1,5 +1,5 @@
 """Shared fixtures: an isolated BentoML store, a master key, the trained reference
-model, API keys, and a real server on 127.0.0.1."""
+models, API keys, and a real server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ def credit_model(master_key: vault.FileKeyProvider) -> str:
     from guarded_serving.recipes import credit_risk
 
     return credit_risk.run(master_key, echo=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def networks(master_key: vault.FileKeyProvider) -> dict[str, list[str]]:
+    """The reference networks, trained fast and wrapped once per test session:
+    name -> [standard tag, hardened tag]."""
+    from guarded_serving.recipes import engine_failure, pneumonia
+
+    return {
+        "pneumonia": pneumonia.run(master_key, echo=lambda *_: None, fast=True),
+        "engine_failure": engine_failure.run(master_key, echo=lambda *_: None, fast=True),
+    }
 
 
 @pytest.fixture(scope="session")
