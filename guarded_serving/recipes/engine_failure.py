@@ -64,7 +64,7 @@ RANGE_MARGIN = 0.10
 # sensor's standard deviation (over the training windows), on every cycle of the
 # window. That is about the size of the sensors' cycle-to-cycle measurement noise
 # (see measurement_noise(); benchmarks/train_reference.py prints the ratios): below it
-# on 12 of the 14 kept sensors, 1.03 and 1.22 times it on the two core speeds
+# on 12 of the 14 kept sensors, 1.04 and 1.21 times it on the two core speeds
 # (sensor_9, sensor_14). A change of that size passes for ordinary noise.
 EPSILON_STD_FRACTION = 0.25
 PGD_STEPS = 10
