@@ -254,7 +254,8 @@ def _show_prediction(
 
 def _error(reply: httpx.Response) -> str:
     body = reply.json()
-    return f"{body.get('code')} ({body.get('field', '')})"
+    field = body.get("field")
+    return f"{body.get('code')} ({field})" if field else str(body.get("code"))
 
 
 def _show_fairness(report: dict, echo: Any) -> None:

@@ -119,11 +119,12 @@ def format_table(model: str, rows: list[tuple[str, str, dict]], n: int, budget: 
 
 def describe_budget(budget: Any) -> str:
     """The policy's attack budget in words."""
-    unit = "on the input scale" if budget.epsilon_unit == "absolute" else "of each channel's sd"
+    absolute = budget.epsilon_unit == "absolute"
+    unit = "on the input scale" if absolute else "of each channel's sd"
     step = budget.pgd_step_size or 2.5 * budget.epsilon / budget.pgd_steps
     return (
-        f"L-inf epsilon {budget.epsilon:g} {unit}; PGD {budget.pgd_steps} steps of {step:g}, "
-        "one random start"
+        f"L-inf epsilon {budget.epsilon:g} {unit}; PGD {budget.pgd_steps} steps of "
+        f"{step:g}{'' if absolute else ' sd'}, one random start"
     )
 
 
