@@ -1,5 +1,6 @@
 """Shared by the network recipes: seeded training with epoch selection on validation,
-export to TorchScript and ONNX, and the check that both give the torch module's answers.
+export to TorchScript and ONNX, the check that both give the torch module's answers,
+and wrapping the trained variants like any user's model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,10 @@ import onnxruntime as ort
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
+from guarded_serving import vault
+from guarded_serving.policy import Policy
 from guarded_serving.robustness import logits, numpy_seed
+from guarded_serving.wrap import wrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +195,20 @@ def onnx_bytes(module: torch.nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def export(
+    module: torch.nn.Module, input_shape: tuple[int, ...], check_rows: np.ndarray
+) -> tuple[bytes, bytes, dict[str, float]]:
+    """TorchScript and ONNX bytes of a network taking ``[N, *input_shape]``, and their
+    largest logit gaps to torch on ``check_rows``.
+
+    Raises:
+        RuntimeError: An export disagrees with torch by more than ``ONNX_TOLERANCE``.
+    """
+    torchscript = torchscript_bytes(module)
+    onnx = onnx_bytes(module, torch.zeros(1, *input_shape))
+    return torchscript, onnx, export_gap(module, torchscript, onnx, check_rows)
+
+
 def export_gap(
     module: torch.nn.Module, torchscript: bytes, onnx: bytes, x: np.ndarray
 ) -> dict[str, float]:
@@ -219,3 +238,55 @@ def export_gap(
             f"(allowed {ONNX_TOLERANCE:.0e})"
         )
     return gaps
+
+
+def sample(rows: int, size: int | None, seed: int) -> np.ndarray:
+    """All row numbers, or a seeded sample of ``size`` of them in their order."""
+    if size is None or size >= rows:
+        return np.arange(rows)
+    return np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
+
+
+def recipe_policy(path: Path, name: str | None) -> Policy:
+    """The recipe's policy, renamed to ``name`` when one is given."""
+    policy = Policy.from_file(path)
+    if name is None:
+        return policy
+    return Policy.model_validate({**policy.model_dump(), "model": name})
+
+
+def wrap_variants(
+    policy: Policy,
+    trained: dict[str, Any],
+    variants: tuple[str, ...],
+    provider: vault.KeyProvider,
+    *,
+    seed: int,
+    echo: Callable[[str], Any],
+) -> list[str]:
+    """Wrap each trained variant's ONNX export, in order, the torch module beside it
+    for gradients; the guards are fitted on the training inputs and calibrated on
+    the validation ones. Returns the registered tags."""
+    data = trained["data"]
+    tags = []
+    for name in variants:
+        one = trained[name]
+        wrapped = wrap_model(
+            policy=policy,
+            runtime="onnx",
+            model_bytes=one["onnx"],
+            train=data["x_train"],
+            calibration=data["x_val"],
+            provider=provider,
+            torch_module=one["torchscript"],
+            figures=one["metrics"],
+            holdout=data["x_test"],
+            labels={"variant": name},
+            seed=seed,
+        )
+        echo(
+            f"  registered {wrapped.tag} ({name}; sealed with master key "
+            f"{wrapped.manifest['key_id']})"
+        )
+        tags.append(wrapped.tag)
+    return tags

@@ -31,10 +31,8 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from guarded_serving import vault
-from guarded_serving.policy import Policy
 from guarded_serving.recipes import _networks
 from guarded_serving.robustness import AdversarialBatches, evaluate_robustness, logits
-from guarded_serving.wrap import wrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +326,7 @@ def train(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)} (got {variant!r})")
-    rows = _sample(len(splits.train), settings.train_windows, seed)
+    rows = _networks.sample(len(splits.train), settings.train_windows, seed)
     x, y = splits.train.x[rows], splits.train.y[rows]
     pos_weight = float((y == 0).sum() / max(1, (y == 1).sum()))
     with _networks.seeded(seed):
@@ -337,7 +335,9 @@ def train(
         epochs = settings.epochs
         if variant == "hardened":
             craft = _pgd_batches(module, splits, TRAIN_PGD_STEPS)
-            sample = splits.val.take(_sample(len(splits.val), settings.validation_windows, seed))
+            sample = splits.val.take(
+                _networks.sample(len(splits.val), settings.validation_windows, seed)
+            )
             score = _robust_f1_scorer(sample, splits)
             epochs = settings.hardened_epochs
         result = _networks.fit(
@@ -379,7 +379,7 @@ def evaluate(
     budget = epsilon(splits)
     step = epsilon(splits, PGD_STEP_SIZE_STD_FRACTION)
     for name, part in (("robustness", splits.test), ("robustness_all_windows", splits.test_all)):
-        sample = part.take(_sample(len(part), robustness_windows, seed))
+        sample = part.take(_networks.sample(len(part), robustness_windows, seed))
         result = evaluate_robustness(
             module,
             sample.x,
@@ -395,17 +395,6 @@ def evaluate(
     return figures
 
 
-def export(module: nn.Module, check_rows: np.ndarray) -> tuple[bytes, bytes, dict[str, float]]:
-    """TorchScript and ONNX bytes, and their largest logit gaps to torch on ``check_rows``.
-
-    Raises:
-        RuntimeError: An export disagrees with torch by more than 1e-4.
-    """
-    torchscript = _networks.torchscript_bytes(module)
-    onnx = _networks.onnx_bytes(module, torch.zeros(1, WINDOW, len(FEATURES)))
-    return torchscript, onnx, _networks.export_gap(module, torchscript, onnx, check_rows)
-
-
 def train_all(fast: bool = False, echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Train, evaluate and export both variants.
 
@@ -418,8 +407,9 @@ def train_all(fast: bool = False, echo: Callable[[str], Any] = print) -> dict[st
         ``standard`` and ``hardened``, each a dict with ``module``,
         ``torchscript`` and ``onnx`` (bytes) and ``metrics``; ``data``, the
         windows as float32 arrays (``x_train``, ``y_train``, ``x_val``, ``y_val``,
-        and the test engines' last windows ``x_test``, ``y_test``); ``background``,
-        a seeded sample of training windows; ``seconds``, the wall time.
+        and the test engines' last windows ``x_test``, ``y_test``); ``seconds``,
+        the wall time. The explainer's background is drawn from ``x_train`` when
+        the variants are wrapped.
     """
     settings = FAST if fast else FULL
     start = time.perf_counter()
@@ -428,21 +418,18 @@ def train_all(fast: bool = False, echo: Callable[[str], Any] = print) -> dict[st
     for variant in VARIANTS:
         echo(f"engine_failure/{variant}: training")
         module, run_fit = train(splits, variant, settings, echo=echo)
-        trained_on = len(_sample(len(splits.train), settings.train_windows, SEED))
+        trained_on = len(_networks.sample(len(splits.train), settings.train_windows, SEED))
         metrics = {
             "variant": variant,
             "rows": {**splits.rows(), "trained_on": trained_on},
             "training": {**run_fit.summary(), **_training_attack(variant)},
             **evaluate(module, splits, settings.robustness_windows),
         }
-        torchscript, onnx, gaps = export(module, splits.test.x[:64])
+        torchscript, onnx, gaps = _networks.export(
+            module, (WINDOW, len(FEATURES)), splits.test.x[:64]
+        )
         metrics["export_max_logit_gap"] = gaps
-        result[variant] = {
-            "module": module,
-            "torchscript": torchscript,
-            "onnx": onnx,
-            "metrics": metrics,
-        }
+        result[variant] = dict(module=module, torchscript=torchscript, onnx=onnx, metrics=metrics)
         _echo_metrics(echo, variant, metrics)
     result["data"] = {
         "x_train": splits.train.x,
@@ -452,8 +439,6 @@ def train_all(fast: bool = False, echo: Callable[[str], Any] = print) -> dict[st
         "x_test": splits.test.x,
         "y_test": splits.test.y,
     }
-    rng = np.random.default_rng(SEED)
-    result["background"] = splits.train.x[rng.choice(len(splits.train), 32, replace=False)]
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -476,33 +461,9 @@ def run(
     Returns:
         The registered tags, standard first.
     """
-    policy = Policy.from_file(POLICY_FILE)
-    if name is not None:
-        policy = Policy.model_validate({**policy.model_dump(), "model": name})
-    result = train_all(fast=fast, echo=echo)
-    data = result["data"]
-    tags = []
-    for variant in VARIANTS:
-        trained = result[variant]
-        wrapped = wrap_model(
-            policy=policy,
-            runtime="onnx",
-            model_bytes=trained["onnx"],
-            train=data["x_train"],
-            calibration=data["x_val"],
-            provider=provider,
-            torch_module=trained["torchscript"],
-            figures=trained["metrics"],
-            holdout=data["x_test"],
-            labels={"variant": variant},
-            seed=SEED,
-        )
-        echo(
-            f"  registered {wrapped.tag} ({variant}; sealed with master key "
-            f"{wrapped.manifest['key_id']})"
-        )
-        tags.append(wrapped.tag)
-    return tags
+    policy = _networks.recipe_policy(POLICY_FILE, name)
+    trained = train_all(fast=fast, echo=echo)
+    return _networks.wrap_variants(policy, trained, VARIANTS, provider, seed=SEED, echo=echo)
 
 
 def _rul(frame: pd.DataFrame) -> pd.Series:
@@ -516,13 +477,6 @@ def _float32_inside(bound: np.ndarray, inward: float) -> np.ndarray:
     single = bound.astype(np.float32)
     outside = single < bound if inward > 0 else single > bound
     return np.where(outside, np.nextafter(single, np.float32(inward)), single)
-
-
-def _sample(rows: int, size: int | None, seed: int) -> np.ndarray:
-    """All row numbers, or a seeded sample of ``size`` of them in their order."""
-    if size is None or size >= rows:
-        return np.arange(rows)
-    return np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
 
 
 def _pgd_batches(module: nn.Module, splits: Splits, steps: int) -> AdversarialBatches:

@@ -27,10 +27,8 @@ import torch
 from torch import nn
 
 from guarded_serving import vault
-from guarded_serving.policy import Policy
 from guarded_serving.recipes import _networks
 from guarded_serving.robustness import AdversarialBatches, evaluate_robustness, logits
-from guarded_serving.wrap import wrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +196,7 @@ def evaluate(
             ``None``).
         seed: Seed of the sample and of PGD's random start.
     """
-    attacked = _sample(len(splits.y_test), robustness_rows, seed)
+    attacked = _networks.sample(len(splits.y_test), robustness_rows, seed)
     robustness = evaluate_robustness(
         module,
         splits.x_test[attacked],
@@ -217,17 +215,6 @@ def evaluate(
     }
 
 
-def export(module: nn.Module, check_rows: np.ndarray) -> tuple[bytes, bytes, dict[str, float]]:
-    """TorchScript and ONNX bytes, and their largest logit gaps to torch on ``check_rows``.
-
-    Raises:
-        RuntimeError: An export disagrees with torch by more than 1e-4.
-    """
-    torchscript = _networks.torchscript_bytes(module)
-    onnx = _networks.onnx_bytes(module, torch.zeros(1, *IMAGE_SHAPE))
-    return torchscript, onnx, _networks.export_gap(module, torchscript, onnx, check_rows)
-
-
 def train_all(fast: bool = False, echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Train, evaluate and export both variants.
 
@@ -240,8 +227,8 @@ def train_all(fast: bool = False, echo: Callable[[str], Any] = print) -> dict[st
         ``standard`` and ``hardened``, each a dict with ``module``,
         ``torchscript`` and ``onnx`` (bytes) and ``metrics``; ``data``, the
         splits as float32 arrays (``x_train``, ``y_train``, ``x_val``, ``y_val``,
-        ``x_test``, ``y_test``); ``background``, a seeded sample of training
-        images; ``seconds``, the wall time.
+        ``x_test``, ``y_test``); ``seconds``, the wall time. The explainer's
+        background is drawn from ``x_train`` when the variants are wrapped.
     """
     settings = FAST if fast else FULL
     start = time.perf_counter()
@@ -254,26 +241,21 @@ def train_all(fast: bool = False, echo: Callable[[str], Any] = print) -> dict[st
             "variant": variant,
             "rows": {
                 **splits.rows(),
-                "trained_on": len(_sample(len(splits.y_train), settings.train_rows, SEED)),
+                "trained_on": len(
+                    _networks.sample(len(splits.y_train), settings.train_rows, SEED)
+                ),
             },
             "training": {**run_fit.summary(), **_training_attack(variant)},
             **evaluate(module, splits, settings.robustness_rows),
         }
-        torchscript, onnx, gaps = export(module, splits.x_test[:64])
+        torchscript, onnx, gaps = _networks.export(module, IMAGE_SHAPE, splits.x_test[:64])
         metrics["export_max_logit_gap"] = gaps
-        result[variant] = {
-            "module": module,
-            "torchscript": torchscript,
-            "onnx": onnx,
-            "metrics": metrics,
-        }
+        result[variant] = dict(module=module, torchscript=torchscript, onnx=onnx, metrics=metrics)
         _echo_metrics(echo, variant, metrics)
-    rng = np.random.default_rng(SEED)
     result["data"] = {
         name: getattr(splits, name)
         for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
     }
-    result["background"] = splits.x_train[rng.choice(len(splits.x_train), 32, replace=False)]
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -296,44 +278,13 @@ def run(
     Returns:
         The registered tags, standard first.
     """
-    policy = Policy.from_file(POLICY_FILE)
-    if name is not None:
-        policy = Policy.model_validate({**policy.model_dump(), "model": name})
-    result = train_all(fast=fast, echo=echo)
-    data = result["data"]
-    tags = []
-    for variant in VARIANTS:
-        trained = result[variant]
-        wrapped = wrap_model(
-            policy=policy,
-            runtime="onnx",
-            model_bytes=trained["onnx"],
-            train=data["x_train"],
-            calibration=data["x_val"],
-            provider=provider,
-            torch_module=trained["torchscript"],
-            figures=trained["metrics"],
-            holdout=data["x_test"],
-            labels={"variant": variant},
-            seed=SEED,
-        )
-        echo(
-            f"  registered {wrapped.tag} ({variant}; sealed with master key "
-            f"{wrapped.manifest['key_id']})"
-        )
-        tags.append(wrapped.tag)
-    return tags
-
-
-def _sample(rows: int, size: int | None, seed: int) -> np.ndarray:
-    """All row numbers, or a seeded sample of ``size`` of them in their order."""
-    if size is None or size >= rows:
-        return np.arange(rows)
-    return np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
+    policy = _networks.recipe_policy(POLICY_FILE, name)
+    trained = train_all(fast=fast, echo=echo)
+    return _networks.wrap_variants(policy, trained, VARIANTS, provider, seed=SEED, echo=echo)
 
 
 def _training_rows(splits: Splits, settings: Settings, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = _sample(len(splits.y_train), settings.train_rows, seed)
+    rows = _networks.sample(len(splits.y_train), settings.train_rows, seed)
     return splits.x_train[rows], splits.y_train[rows]
 
 
