@@ -4,8 +4,12 @@ A record is a nested JSON array of the declared shape, or, for 2-D grey images w
 policy sets ``png_scale``, an object ``{"png": "<base64>"}``. Problems name the first
 offending element (``records[3][12][7]``) and never echo its value.
 
-A PNG is decoded only when its header says it has the declared size, so a hostile
-image costs at most one small decode.
+A PNG is decoded only when its own header says it is a single greyscale image (8 or
+16 bits) of the declared size, so a hostile image costs at most one small decode;
+16-bit images are brought to the 8-bit scale before ``png_scale`` applies.
+
+Known limitations: only the first frame's header is read, so an animated PNG is
+refused after decoding rather than before; chunk checksums are not verified.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,11 @@ from guarded_serving.policy import TensorInput
 
 # A base64 PNG of a small grey image is a few kilobytes; refuse anything far larger.
 _MAX_PNG_BASE64_CHARS = 256 * 1024
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Bit depth -> the largest grey level, for PNG colour type 0 (greyscale, no alpha).
+_GREY_FULL_SCALE = {8: 255.0, 16: 65535.0}
+# JSON integers beyond this have no float64 value.
+_LARGEST_FLOAT = int(np.finfo(np.float64).max)
 
 
 class TensorCheck:
@@ -44,24 +54,12 @@ class TensorCheck:
             return self._png(where, value)
         if not isinstance(value, list):
             return None, InvalidInput(
-                where, "wrong_type", f"expected an array of shape {self.shape}"
+                where, "wrong_type", f"expected an array of shape {list(self.shape)}"
             )
-        try:
-            array = np.asarray(value)
-        except (ValueError, TypeError):
-            return None, InvalidInput(where, "wrong_shape", f"expected shape {list(self.shape)}")
-        if array.dtype.kind not in "iuf":
-            if array.dtype == object and array.ndim != len(self.shape):
-                return None, InvalidInput(
-                    where, "wrong_shape", f"expected shape {list(self.shape)}"
-                )
-            return None, InvalidInput(where, "wrong_type", "expected numbers only")
-        if array.shape != self.shape:
-            return None, InvalidInput(where, "wrong_shape", f"expected shape {list(self.shape)}")
-        flag = _first_boolean(array.shape, value)
-        if flag is not None:
-            return None, InvalidInput(where + flag, "wrong_type", "expected a number")
-        return self._values(where, array.astype(np.float64))
+        problem = _first_misfit(where, value, self.shape)
+        if problem is not None:
+            return None, problem
+        return self._values(where, np.array(value, dtype=np.float64))
 
     def _values(
         self, where: str, array: np.ndarray
@@ -91,41 +89,79 @@ class TensorCheck:
             return None, InvalidInput(where, "wrong_type", "this model takes arrays, not images")
         if set(value) != {"png"} or not isinstance(value["png"], str):
             return None, InvalidInput(where, "wrong_type", 'expected {"png": "<base64>"}')
-        text = value["png"]
+        field, text = f"{where}.png", value["png"]
         if len(text) > _MAX_PNG_BASE64_CHARS:
-            return None, InvalidInput(f"{where}.png", "too_large", "the image is too large")
+            return None, InvalidInput(field, "too_large", "the image is too large")
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            return None, InvalidInput(f"{where}.png", "not_base64", "expected base64")
-        from PIL import Image, UnidentifiedImageError
+            return None, InvalidInput(field, "not_base64", "expected base64")
 
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                if image.format != "PNG":
-                    return None, InvalidInput(f"{where}.png", "not_png", "expected a PNG image")
-                if image.size != (self.shape[1], self.shape[0]):
-                    return None, InvalidInput(
-                        f"{where}.png", "wrong_shape", f"expected {self.shape[1]}x{self.shape[0]}"
-                    )
-                pixels = np.asarray(image.convert("L"), dtype=np.float64)
-        except (UnidentifiedImageError, OSError, ValueError):
-            return None, InvalidInput(f"{where}.png", "not_png", "expected a PNG image")
-        return self._values(where, pixels / self.spec.png_scale)
+        header = _png_header(data)
+        if header is None:
+            return None, InvalidInput(field, "not_png", "expected a PNG image")
+        width, height, depth, colour = header
+        if (height, width) != self.shape:
+            return None, InvalidInput(
+                field, "wrong_shape", f"expected {self.shape[1]}x{self.shape[0]}"
+            )
+        if colour != 0 or depth not in _GREY_FULL_SCALE:
+            return None, InvalidInput(
+                field, "unsupported_image", "expected a greyscale PNG of 8 or 16 bits"
+            )
+
+        pixels = _decode_grey(data, self.shape)
+        if pixels is None:
+            return None, InvalidInput(field, "not_png", "expected a PNG image")
+        if isinstance(pixels, str):
+            return None, InvalidInput(field, "unsupported_image", pixels)
+        scale = 255.0 / _GREY_FULL_SCALE[depth] / self.spec.png_scale
+        return self._values(where, pixels * scale)
 
 
-def _first_boolean(shape: tuple[int, ...], value: list) -> str | None:
-    """Where a JSON ``true`` or ``false`` sits in a numeric array (numpy reads them as
-    1 and 0), as ``[i][j]``; ``None`` when there is none."""
-    if len(shape) == 1:
-        for i, item in enumerate(value):
-            if isinstance(item, bool):
-                return f"[{i}]"
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """Width, height, bit depth and colour type from a PNG's IHDR chunk, read without
+    a decoder; ``None`` when the bytes do not start like a PNG."""
+    if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
-    for i, inner in enumerate(value):
-        found = _first_boolean(shape[1:], inner)
-        if found is not None:
-            return f"[{i}]{found}"
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    return width, height, depth, colour
+
+
+def _decode_grey(data: bytes, shape: tuple[int, ...]) -> np.ndarray | str | None:
+    """The grey levels of a PNG whose header was checked; the reason to refuse it, or
+    ``None`` when the decoder cannot read it."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if getattr(image, "is_animated", False):
+                return "expected a single image, not an animation"
+            pixels = np.asarray(image, dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a decoder's every failure on untrusted bytes is a bad image
+        return None
+    return pixels if pixels.shape == shape else None
+
+
+def _first_misfit(where: str, value: Any, shape: tuple[int, ...]) -> InvalidInput | None:
+    """The first element of ``value`` that breaks the declared ``shape`` or is not a
+    plain number (JSON ``true``/``false`` included, which numpy would read as 1 and 0),
+    named by its position."""
+    if not isinstance(value, list) or len(value) != shape[0]:
+        return InvalidInput(where, "wrong_shape", f"expected {shape[0]} values at this level")
+    if len(shape) > 1:
+        for i, inner in enumerate(value):
+            found = _first_misfit(f"{where}[{i}]", inner, shape[1:])
+            if found is not None:
+                return found
+        return None
+    for i, item in enumerate(value):
+        if isinstance(item, list):
+            return InvalidInput(f"{where}[{i}]", "wrong_shape", "expected a number, not an array")
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            return InvalidInput(f"{where}[{i}]", "wrong_type", "expected a number")
+        if isinstance(item, int) and abs(item) > _LARGEST_FLOAT:
+            return InvalidInput(f"{where}[{i}]", "out_of_range", "the number is too large")
     return None
 
 
