@@ -49,10 +49,13 @@ class LabelEvent:
     Attributes:
         record_id: The id the record had in its :class:`PredictionEvent`.
         label: 1 when the true outcome is the favourable one, else 0.
+        model: The model the label is meant for; a record another model scored is
+            then unknown. Any model's record when ``None``.
     """
 
     record_id: str
     label: int
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

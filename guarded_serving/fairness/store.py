@@ -220,8 +220,9 @@ class FairnessStore:
             labels: The labels; a record labelled twice in the batch keeps the first.
 
         Returns:
-            How many were accepted, and which record ids were unknown or already
-            labelled (those change nothing).
+            How many were accepted, and which record ids were unknown (or scored by
+            another model than the label names) or already labelled; those change
+            nothing.
 
         Raises:
             ValueError: If a label is not 0 or 1; nothing is stored then.
@@ -243,7 +244,7 @@ class FairnessStore:
                     "FROM predictions WHERE record_id = ?",
                     (event.record_id,),
                 ).fetchone()
-                if row is None:
+                if row is None or event.model not in (None, row[0]):
                     unknown.append(event.record_id)
                     continue
                 model, window_start, predicted, groups_json, previous = row

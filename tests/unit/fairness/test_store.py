@@ -130,6 +130,20 @@ def test_unknown_and_repeated_labels_change_nothing(store: FairnessStore) -> Non
     assert (female.labelled, female.label_pos, female.true_pos, female.false_pos) == (2, 1, 1, 1)
 
 
+def test_a_label_for_another_model_is_unknown(store: FairnessStore) -> None:
+    store.apply_predictions(event(["a"], [1], [F]), HOUR)
+    store.apply_predictions(event(["b"], [1], [F], model="pneumonia"), HOUR)
+
+    result = store.apply_labels(
+        [LabelEvent("a", 0, model="pneumonia"), LabelEvent("b", 1, model="pneumonia")]
+    )
+
+    assert (result.accepted, result.unknown) == (1, ("a",))
+    assert by_key(store.counts())["credit_risk", "sex", "female"].labelled == 0
+    # The record can still be labelled for the model that scored it.
+    assert store.apply_labels([LabelEvent("a", 1, model="credit_risk")]).accepted == 1
+
+
 def test_counts_sum_windows_and_filter_by_window(store: FairnessStore) -> None:
     store.apply_predictions(event(["a", "b"], [1, 0], [F, F], timestamp_s=100.0), HOUR)
     store.apply_predictions(event(["c"], [1], [F], timestamp_s=HOUR + 5.0), HOUR)
