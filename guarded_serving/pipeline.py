@@ -98,7 +98,10 @@ def _anomaly(request: ScoringRequest) -> Stage | None:
 
 
 def default_stages(
-    identify: Stage, admit: Stage, accumulator: FairnessAccumulator | None
+    identify: Stage,
+    admit: Stage,
+    accumulator: FairnessAccumulator | None,
+    telemetry: Telemetry | None = None,
 ) -> list[Stage]:
     """The stages in request-path order."""
     return [
@@ -107,7 +110,7 @@ def default_stages(
         ModelStage("validate", lambda r: r.model.schema),
         ModelStage("anomaly", _anomaly),
         PredictStage(),
-        ExplainStage(),
+        ExplainStage(telemetry.explanations if telemetry is not None else None),
         RecordStage(accumulator),
     ]
 

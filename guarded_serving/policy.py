@@ -202,6 +202,9 @@ class GradientPolicy(_Strict):
     background_rows: int = Field(16, ge=1, le=512)
     tolerance: float = Field(0.01, gt=0.0)
     """Largest allowed gap between base value + attributions and the model's output."""
+    time_budget_ms: int = Field(10_000, gt=0)
+    """Per request: rows left when it runs out are answered without attributions. Keep
+    it well inside the server's 30 s request timeout."""
 
 
 class ExplanationPolicy(_Strict):

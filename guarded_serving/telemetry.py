@@ -85,6 +85,11 @@ class Telemetry:
             unit="{verdict}",
             description="Stage verdicts by stage and outcome",
         )
+        self.explanations = self.meter.create_counter(
+            "guarded_serving.explanations",
+            unit="{row}",
+            description="Explained rows by model and status (ok, skipped_time_budget, failed)",
+        )
         self.duration = self.meter.create_histogram(
             "guarded_serving.request.duration", unit="s", description="Time in the pipeline"
         )

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any, Protocol
 
 import numpy as np
+from opentelemetry.metrics import Counter
 
 from guarded_serving.runtimes.base import ModelInput
 from guarded_serving.types import Explanation, ScoringRequest
+
+logger = logging.getLogger(__name__)
+
+FAILED = "failed"
+"""Status of the rows of an explainer that raised."""
 
 
 class Explainer(Protocol):
@@ -35,12 +42,38 @@ def describe_background(background: np.ndarray) -> dict[str, Any]:
 
 
 class ExplainStage:
-    """Stage 8: attach the model's explanations when the policy and request ask."""
+    """Stage 8: attach the model's explanations when the policy and request ask.
+
+    An explainer that fails never fails the prediction: its rows are answered with
+    ``status: "failed"`` and no attributions, the failure is logged as a warning and
+    counted.
+
+    Args:
+        counter: Counts explained rows by model and status; none when omitted.
+    """
 
     name = "explain"
+
+    def __init__(self, counter: Counter | None = None) -> None:
+        self.counter = counter
 
     def __call__(self, request: ScoringRequest) -> None:
         model = request.model
         if model.explainer is None or not model.policy.explanation.enabled or not request.explain:
             return
-        request.explanations = model.explainer.explain(request.inputs)
+        try:
+            explanations = model.explainer.explain(request.inputs)
+        except Exception as exc:  # noqa: BLE001 - attributions must not cost the answer
+            logger.warning(
+                "explainer failed (%s); answering without attributions",
+                exc.__class__.__name__,
+                extra={"event": "explain.failed", "request_id": request.request_id},
+            )
+            failed = Explanation(method=model.explainer.method, base_value=0.0,
+                                 attributions={}, status=FAILED)  # fmt: skip
+            explanations = [failed] * len(request.inputs)
+        request.explanations = explanations
+        if self.counter is not None:
+            for status in {e.status for e in explanations}:
+                count = sum(e.status == status for e in explanations)
+                self.counter.add(count, {"model": model.name, "status": status})

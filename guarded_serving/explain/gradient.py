@@ -12,6 +12,7 @@ tensor inputs the answer is a map of the input's shape with a coarse summary (se
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,8 @@ from guarded_serving.runtimes.base import ModelInput
 from guarded_serving.types import Explanation
 
 METHOD = "integrated_gradients"
+_CHUNK_VALUES = 2**17
+"""Input values per backward pass."""
 
 
 class IntegratedGradientsExplainer:
@@ -35,7 +38,8 @@ class IntegratedGradientsExplainer:
         forward: Maps float32 ``[N, *encoder.input_shape]`` to ``[N]`` scores.
         encoder: The policy's encoder.
         background: Background rows, flattened to ``[rows, columns]``.
-        settings: Steps per path.
+        settings: Steps per path, and the time budget per request: rows left when it
+            runs out are answered without attributions (``skipped_time_budget``).
         tolerance: The completeness gap this model was verified to stay within when
             wrapped; stated in every answer.
         output_space: ``log_odds`` when ``forward`` returns logits, else ``probability``.
@@ -59,6 +63,7 @@ class IntegratedGradientsExplainer:
         shape = tuple(encoder.input_shape)
         self.forward = lambda flat: forward(flat.reshape(-1, *shape))
         self.steps = settings.steps
+        self.time_budget_ms = settings.time_budget_ms
         self.tolerance = tolerance
         self._report = report_for(encoder)
         self._background = torch.from_numpy(np.ascontiguousarray(background, dtype=np.float32))
@@ -69,31 +74,28 @@ class IntegratedGradientsExplainer:
     def column_attributions(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-column attributions and the logits of each row."""
         x = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
-        bg = self._background
-        alphas = (torch.arange(self.steps, dtype=torch.float32) + 0.5) / self.steps
         out = np.empty(x.shape, dtype=np.float64)
         for row in range(x.shape[0]):
-            delta = x[row] - bg  # [B, C]
-            points = bg[None, :, :] + alphas[:, None, None] * delta[None, :, :]  # [S, B, C]
-            points = points.reshape(-1, x.shape[1]).requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.forward(points).sum(), points)
-            mean_grad = grad.reshape(self.steps, bg.shape[0], -1).mean(dim=0)  # [B, C]
-            out[row] = (mean_grad * delta).mean(dim=0).double().numpy()
-        with torch.no_grad():
-            logits = self.forward(x).double().numpy()
-        return out, logits
+            out[row] = self._attribute(x[row])
+        return out, self._logits(x)
 
     def explain(self, inputs: ModelInput) -> list[Explanation]:
-        columns, logits = self.column_attributions(inputs.matrix)
+        x = torch.from_numpy(np.ascontiguousarray(inputs.matrix, dtype=np.float32))
+        logits = self._logits(x)
+        deadline = time.perf_counter() + self.time_budget_ms / 1000.0
         details = {
-            "background_rows": self.background["rows"],
             "background": self.background,
             "steps": self.steps,
+            "time_budget_ms": self.time_budget_ms,
         }
         result = []
         for row in range(len(inputs)):
-            gap = float(logits[row] - self._base - columns[row].sum())
-            attributions, extra = self._report(columns[row])
+            if time.perf_counter() > deadline:
+                result.append(self._skipped(details))
+                continue
+            columns = self._attribute(x[row])
+            gap = float(logits[row] - self._base - columns.sum())
+            attributions, extra = self._report(columns)
             result.append(
                 Explanation(
                     method=METHOD,
@@ -105,3 +107,36 @@ class IntegratedGradientsExplainer:
                 )
             )
         return result
+
+    def _attribute(self, x: torch.Tensor) -> np.ndarray:
+        """Integrated gradients of one flattened row ``[C]``, averaged over the background."""
+        bg = self._background
+        alphas = (torch.arange(self.steps, dtype=torch.float32) + 0.5) / self.steps
+        delta = x - bg  # [B, C]
+        points = bg[None, :, :] + alphas[:, None, None] * delta[None, :, :]  # [S, B, C]
+        points = points.reshape(-1, x.shape[0])
+        # Backward passes over about a hundred thousand values at a time: larger
+        # batches only add memory traffic and run slower per point.
+        chunk = max(1, _CHUNK_VALUES // x.shape[0])
+        grads = []
+        for start in range(0, points.shape[0], chunk):
+            part = points[start : start + chunk].detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.forward(part).sum(), part)
+            grads.append(grad)
+        mean_grad = torch.cat(grads).reshape(self.steps, bg.shape[0], -1).mean(dim=0)  # [B, C]
+        return (mean_grad * delta).mean(dim=0).double().numpy()
+
+    def _logits(self, x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return self.forward(x).double().numpy()
+
+    def _skipped(self, details: dict[str, Any]) -> Explanation:
+        return Explanation(
+            method=METHOD,
+            base_value=self._base,
+            attributions={},
+            output_space=self.output_space,
+            tolerance=self.tolerance,
+            details=details,
+            status="skipped_time_budget",
+        )

@@ -68,8 +68,7 @@ class KernelShapExplainer:
     def explain(self, inputs: ModelInput) -> list[Explanation]:
         codes = self.encoder.to_codes(inputs.records)
         deadline = time.perf_counter() + self.budget.time_budget_ms / 1000.0
-        details = {"samples": self.budget.samples, "background_rows": self._background_rows,
-                   "background": self.background,
+        details = {"samples": self.budget.samples, "background": self.background,
                    "time_budget_ms": self.budget.time_budget_ms}  # fmt: skip
         out: list[Explanation] = []
         for row in range(len(inputs)):
@@ -101,10 +100,6 @@ class KernelShapExplainer:
                 return self._explainer.shap_values(row, nsamples=self.budget.samples, silent=True)
             finally:
                 np.random.set_state(state)
-
-    @property
-    def _background_rows(self) -> int:
-        return int(self._explainer.data.data.shape[0])
 
     def _skipped(self, details: dict) -> Explanation:
         return Explanation(

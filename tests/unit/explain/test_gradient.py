@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_completeness_gap_is_within_tolerance_and_reported(data: Data) -> None:
         assert explanation.details["completeness_gap"] == pytest.approx(gap, abs=1e-9)
         assert abs(explanation.details["completeness_gap"]) <= TOLERANCE
         assert explanation.details["steps"] == 64
-        assert explanation.details["background_rows"] == len(data.background)
+        assert explanation.details["background"]["rows"] == len(data.background)
 
 
 def test_a_linear_model_gets_exact_attributions_folded_per_feature(data: Data) -> None:
@@ -128,3 +129,27 @@ def test_more_steps_shrink_the_gap_on_a_nonlinear_model(data: Data) -> None:
     # The midpoint rule's error falls roughly with the square of the step count.
     assert gaps[64] < gaps[4] / 10
     assert gaps[64] <= TOLERANCE
+
+
+def test_rows_past_the_time_budget_are_answered_without_attributions(data: Data) -> None:
+    net = _MLP(data.train, seed=0)
+    calls = 0
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if x.requires_grad:
+            time.sleep(0.02)  # each explained row outlasts the whole budget
+        return net(x)
+
+    explainer = IntegratedGradientsExplainer(
+        slow, data.encoder, data.background, GradientPolicy(steps=8, time_budget_ms=5), TOLERANCE
+    )
+
+    explanations = explainer.explain(data.rows)
+
+    assert [e.status for e in explanations] == ["ok"] + ["skipped_time_budget"] * 7
+    assert explanations[-1].attributions == {}
+    assert explanations[-1].details["time_budget_ms"] == 5
+    # Rows past the budget cost nothing: one batched forward pass, one explained row.
+    assert calls == 3  # the background's base value, the logits, the one row

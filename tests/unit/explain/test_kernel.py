@@ -89,10 +89,10 @@ def test_base_value_plus_attributions_equals_the_score_for_every_row(fitted: Fit
         assert explanation.tolerance == TOLERANCE
         assert explanation.details == {
             "samples": BUDGET.samples,
-            "background_rows": BUDGET.background_rows,
             "background": describe_background(fitted.background),
             "time_budget_ms": BUDGET.time_budget_ms,
         }
+        assert explanation.details["background"]["rows"] == BUDGET.background_rows
     # The base value is the mean score over the background rows.
     background = ModelInput(fitted.encoder.from_codes(fitted.background), fitted.encoder)
     mean = float(np.mean(fitted.runtime.predict_score(background)))
