@@ -219,7 +219,8 @@ class ModelRegistry:
         """Resolve a request's model; the only served model when ``name`` is omitted.
 
         Raises:
-            InvalidInput: ``name`` or ``version`` is not a string.
+            InvalidInput: ``name`` or ``version`` is not a string, or ``name`` is
+                omitted while several models are served.
             UnknownModel: No such model (or version) is served.
             ModelUnavailable: It is configured but failed to load.
         """
@@ -228,7 +229,9 @@ class ModelRegistry:
                 raise InvalidInput(where, "wrong_type", "expected a string")
         if name is None and len(self._by_name) == 1:
             name = next(iter(self._by_name))
-        elif not isinstance(name, str) or name not in self._by_name:
+        elif name is None:
+            raise InvalidInput("model", "missing_field", "required: this server serves several")
+        elif name not in self._by_name:
             raise UnknownModel("no such model is served", field="model")
         if version is None:
             status = self._default[name]

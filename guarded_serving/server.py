@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from guarded_serving import vault
 from guarded_serving.errors import GuardedServingError, InvalidInput, InvalidInputs
+from guarded_serving.explain.base import FAILED
 from guarded_serving.fairness import (
     FairnessAccumulator,
     FairnessExporter,
@@ -24,7 +26,7 @@ from guarded_serving.fairness import (
 from guarded_serving.guards.admit import AdmitStage
 from guarded_serving.guards.identify import ApiKeyStore, IdentifyStage
 from guarded_serving.pipeline import Pipeline, default_stages
-from guarded_serving.registry import ModelRegistry, tags_with_label
+from guarded_serving.registry import LoadedModel, ModelRegistry, tags_with_label
 from guarded_serving.settings import GuardedServingSettings
 from guarded_serving.telemetry import Telemetry
 from guarded_serving.types import Explanation, Outcome, ScoringRequest
@@ -32,6 +34,8 @@ from guarded_serving.types import Explanation, Outcome, ScoringRequest
 logger = logging.getLogger(__name__)
 
 MAX_FEEDBACK_LABELS = 10_000
+# A record id as /predict hands it out: the request id, a dash, the row number.
+_RECORD_ID = re.compile(r"[0-9a-f]{32}-[0-9]{1,6}")
 
 
 @dataclass(slots=True)
@@ -104,7 +108,8 @@ class GuardedServer:
         self.policies = {name: m.policy for name, m in self.registry.loaded().items()}
         self.exporter = FairnessExporter(self.accumulator, self.policies, self.telemetry.meter)
         self.pipeline = Pipeline(
-            default_stages(self.identify, AdmitStage(), self.accumulator), self.telemetry
+            default_stages(self.identify, AdmitStage(), self.accumulator, self.telemetry),
+            self.telemetry,
         )
 
     @property
@@ -168,15 +173,15 @@ class GuardedServer:
             if unexpected is not None:
                 raise unexpected
             loaded = self.registry.get(model)
-            events = _label_events(labels, loaded.policy.output)
+            events = _label_events(labels, loaded)
             result = self.accumulator.feedback(events)
         except GuardedServingError as exc:
             return Reply.error(exc, request_id)
         body = {
             "request_id": request_id,
             "accepted": result.accepted,
-            "unknown_ids": list(result.unknown),
-            "already_labelled_ids": list(result.already_labelled),
+            "unknown_ids": list(dict.fromkeys(result.unknown)),
+            "already_labelled_ids": list(dict.fromkeys(result.already_labelled)),
         }
         return Reply(200, body, {"X-Request-ID": request_id})
 
@@ -248,6 +253,8 @@ def _prediction_body(request: ScoringRequest) -> dict[str, Any]:
 
 
 def _explanation_body(explanation: Explanation, score: float, score_space: str) -> dict[str, Any]:
+    if explanation.status == FAILED:
+        return {"method": explanation.method, "status": explanation.status}
     body: dict[str, Any] = {
         "method": explanation.method,
         "status": explanation.status,
@@ -272,13 +279,14 @@ def _in_space(score: float, score_space: str, space: str) -> float:
     return math.log(clipped) - math.log1p(-clipped)
 
 
-def _label_events(labels: Any, output: Any) -> list[LabelEvent]:
+def _label_events(labels: Any, model: LoadedModel) -> list[LabelEvent]:
     if not isinstance(labels, list) or not labels:
         raise InvalidInput("labels", "wrong_type", "expected a non-empty list of objects")
     if len(labels) > MAX_FEEDBACK_LABELS:
         raise InvalidInput(
             "labels", "too_many", f"at most {MAX_FEEDBACK_LABELS} labels per request"
         )
+    output = model.policy.output
     allowed = (output.positive_label, output.negative_label)
     problems: list[InvalidInput] = []
     events: list[LabelEvent] = []
@@ -289,12 +297,19 @@ def _label_events(labels: Any, output: Any) -> list[LabelEvent]:
             continue
         record_id, label = entry.get("id"), entry.get("label")
         missing = [k for k in ("id", "label") if entry.get(k) is None]
+        extra = [k for k in entry if k not in ("id", "label")]
         if missing:
             problems.extend(
                 InvalidInput(f"{where}.{k}", "missing_field", "required") for k in missing
             )
-        elif not isinstance(record_id, str) or not record_id:
-            problems.append(InvalidInput(f"{where}.id", "wrong_type", "expected a record id"))
+        elif extra:
+            problems.append(
+                InvalidInput(where, "unexpected_field", "a label takes only id and label")
+            )
+        elif not isinstance(record_id, str) or not _RECORD_ID.fullmatch(record_id):
+            problems.append(
+                InvalidInput(f"{where}.id", "wrong_type", "expected a record id from /predict")
+            )
         elif label not in allowed or not isinstance(label, str):
             problems.append(
                 InvalidInput(
@@ -302,7 +317,7 @@ def _label_events(labels: Any, output: Any) -> list[LabelEvent]:
                 )
             )
         else:
-            events.append(LabelEvent(record_id, int(label == output.favourable)))
+            events.append(LabelEvent(record_id, int(label == output.favourable), model.name))
         if len(problems) >= 50:
             break
     if problems:

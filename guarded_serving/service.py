@@ -107,6 +107,11 @@ read_app = Starlette(
 
 # Bodies above this are refused before parsing (413); a full batch is far smaller.
 MAX_BODY_BYTES = 2 * 1024 * 1024
+# JSON nested deeper than this is refused (400): a tensor record of rank 4 in a
+# batch sits at depth 6, and BentoML's own parser stops at 200.
+MAX_JSON_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ROUTES = frozenset({"/predict", "/feedback", "/fairness", "/models"})
 # The top-level fields each API takes; others are refused with 422 after identify.
 _API_FIELDS = {
     "/predict": frozenset({"records", "context", "model", "version", "explain"}),
@@ -123,8 +128,12 @@ class RequestGate:
     """Checks API bodies before BentoML parses them, and gives every error our shape.
 
     For ``POST /predict`` and ``/feedback`` the body must be JSON (415 otherwise), at
-    most ``MAX_BODY_BYTES`` (413) and a JSON object (400); a body that passes is
-    handed on unchanged. Any error answer that did not come from the server core
+    most ``MAX_BODY_BYTES`` (413, refused on its declared length before it is read),
+    and a JSON object in UTF-8 without a byte-order mark, nested at most
+    ``MAX_JSON_DEPTH`` deep, with no unpaired surrogate escapes (400): what BentoML's
+    own parser then reads the same way. A body that passes is handed on unchanged.
+    Our routes with a trailing slash are not found (404) rather than redirected to
+    the client's ``Host``. Any error answer that did not come from the server core
     (BentoML's own 404, 405, 500, 504 and the like) is rewritten into the
     ``{"error", "code", "request_id"}`` envelope, with no exception text.
     """
@@ -136,7 +145,11 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        allowed = _API_FIELDS.get(scope["path"])
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/") and path.rstrip("/") in _ROUTES:
+            await _send_error(send, 404, "not found")
+            return
+        allowed = _API_FIELDS.get(path)
         if scope["method"] == "POST" and allowed is not None:
             body, parsed, problem = await _read_body(scope, receive)
             if problem is not None:
@@ -156,6 +169,9 @@ async def _read_body(
         return b"", {}, (415, "the body must be application/json")
     if headers.get("content-encoding", "identity").lower() != "identity":
         return b"", {}, (415, "compressed bodies are not accepted")
+    declared = headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return b"", {}, (413, f"the body is larger than {MAX_BODY_BYTES} bytes")
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -169,13 +185,38 @@ async def _read_body(
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
+    if not body.strip():
+        return body, {}, (400, "the body is empty; expected a JSON object")
     try:
-        parsed = json.loads(body) if body else {}
+        # Strict UTF-8: a byte-order mark or another encoding is refused here.
+        parsed = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
-        return body, {}, (400, "the body is not valid JSON")
+        return body, {}, (400, "the body is not valid JSON in UTF-8")
     if not isinstance(parsed, dict):
         return body, {}, (400, "the body must be a JSON object")
+    problem = _structure_problem(parsed)
+    if problem is not None:
+        return body, {}, (400, problem)
     return body, parsed, None
+
+
+def _structure_problem(document: Any) -> str | None:
+    """Why a parsed body would not survive BentoML's parser, or ``None``."""
+    stack = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    return "the body holds an unpaired surrogate escape"
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            return "the body holds an unpaired surrogate escape"
+    return None
 
 
 def _replay(body: bytes) -> Receive:

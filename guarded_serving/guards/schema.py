@@ -48,7 +48,11 @@ class SchemaGuard:
         """
         problems: list[InvalidInput] = []
         records = self._records(request.raw_records, problems)
-        context = self._context(request.raw_context, len(records), problems)
+        # Count the records sent, not the valid ones: context pairs with what was sent.
+        sent = request.raw_records
+        context = self._context(
+            request.raw_context, len(sent) if isinstance(sent, list) else None, problems
+        )
         if not isinstance(request.raw_explain, bool):
             problems.append(InvalidInput("explain", "wrong_type", "expected a boolean"))
         if problems:
@@ -73,6 +77,9 @@ class SchemaGuard:
         return clean
 
     def _records(self, raw: Any, problems: list[InvalidInput]) -> list[dict[str, Any]]:
+        if raw is None:
+            problems.append(InvalidInput("records", "missing_field", "required"))
+            return []
         if not isinstance(raw, list):
             problems.append(InvalidInput("records", "wrong_type", "expected a list of objects"))
             return []
@@ -131,12 +138,15 @@ class SchemaGuard:
         return clean
 
     def _context(
-        self, raw: Any, n_rows: int, problems: list[InvalidInput]
+        self, raw: Any, n_rows: int | None, problems: list[InvalidInput]
     ) -> list[dict[str, str]]:
+        """The context per record; ``n_rows`` is None when no list of records came."""
         if raw is None:
-            return [{} for _ in range(n_rows)]
+            return [{} for _ in range(n_rows or 0)]
         if not isinstance(raw, list):
             problems.append(InvalidInput("context", "wrong_type", "expected a list of objects"))
+            return []
+        if n_rows is None:
             return []
         if len(raw) != n_rows:
             problems.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 
 import httpx
 import numpy as np
@@ -122,7 +123,7 @@ def test_non_finite_numbers_get_422(server, api_keys, rows, literal):
     [
         ({"records": []}, "records", "empty"),
         ({"records": {"a": 1}}, "records", "wrong_type"),
-        ({}, "records", "wrong_type"),
+        ({}, "records", "missing_field"),
         ({"records": [1]}, "records[0]", "wrong_type"),
         ({"records": "ROWS", "explain": "yes"}, "records", "wrong_type"),
     ],
@@ -191,15 +192,30 @@ def test_feedback_rejects_bad_labels_and_reports_unknown_ids(server, api_keys, r
     assert bad.status_code == 422
     assert (bad.json()["field"], bad.json()["code"]) == ("labels[1].label", "unknown_label")
 
+    for entry, field, code in (
+        ({"id": "missing-0", "label": "bad"}, "labels[0].id", "wrong_type"),
+        ({"id": ids[0], "label": "good", "sex": "female"}, "labels[0]", "unexpected_field"),
+    ):
+        refused = _post(server, "/feedback", api_keys["alice"], {"labels": [entry]})
+        assert refused.status_code == 422
+        assert (refused.json()["field"], refused.json()["code"]) == (field, code)
+
+    unknown = "0" * 32 + "-0"
     good = _post(
         server,
         "/feedback",
         api_keys["alice"],
-        {"labels": [{"id": ids[0], "label": "good"}, {"id": "missing-0", "label": "bad"}]},
+        {
+            "labels": [
+                {"id": ids[0], "label": "good"},
+                {"id": unknown, "label": "bad"},
+                {"id": unknown, "label": "good"},
+            ]
+        },
     )
     assert good.status_code == 200
     assert good.json()["accepted"] == 1
-    assert good.json()["unknown_ids"] == ["missing-0"]
+    assert good.json()["unknown_ids"] == [unknown]
     again = _post(
         server, "/feedback", api_keys["alice"], {"labels": [{"id": ids[0], "label": "bad"}]}
     )
@@ -257,6 +273,74 @@ def test_only_json_bodies_are_parsed(server, api_keys, content_type, status, cod
     )
     assert (reply.status_code, reply.json()["code"]) == (status, code)
     assert reply.json()["request_id"] == reply.headers["X-Request-ID"]
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"records": ' + b"[" * depth + b"0.5" + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"  ",
+        "\ufeff".encode() + b'{"records": []}',  # a UTF-8 byte-order mark
+        '{"records": []}'.encode("utf-16"),
+        _nested(40),
+        _nested(500),
+        b'{"model": "\\ud800", "records": []}',  # an unpaired surrogate escape
+        b'{"records": [{"\\udfff": 1}]}',
+    ],
+)
+def test_bodies_the_frameworks_parser_would_choke_on_get_400_and_no_traceback(
+    server, api_keys, content
+):
+    logged = len(server.log())
+
+    reply = _post(server, "/predict", api_keys["alice"], content=content)
+
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["code"] == "malformed_body"
+    assert "Traceback" not in server.log()[logged:]
+
+
+def test_nesting_a_tensor_needs_is_parsed(server, api_keys):
+    # Depth 10 is well past any declared input, yet within the gate's limit.
+    reply = _post(server, "/predict", api_keys["alice"], content=_nested(10))
+    assert reply.status_code == 422
+    assert reply.json()["code"] == "wrong_type"
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body(server, api_keys):
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {api_keys['alice']}\r\nContent-Length: 3000000\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"rec')
+        answer = b""
+        while b"}" not in answer:  # the whole JSON envelope, however it is split
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    answer = answer.decode("latin-1")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert "body_too_large" in answer
+
+
+@pytest.mark.parametrize("path", ["/predict/", "/feedback/", "/models/", "/fairness/"])
+def test_routes_with_a_trailing_slash_are_not_redirected(server, api_keys, path):
+    headers = {"Authorization": f"Bearer {api_keys['alice']}", "Host": "evil.example"}
+    reply = httpx.request(
+        "POST" if path in ("/predict/", "/feedback/") else "GET",
+        server.url + path,
+        headers=headers,
+        json={},
+    )
+    assert (reply.status_code, reply.json()["code"]) == (404, "not_found")
+    assert "location" not in reply.headers
 
 
 def test_oversized_body_gets_413(server, api_keys):

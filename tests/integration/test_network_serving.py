@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from guarded_serving.local_server import LocalServer
+from guarded_serving.policy import Policy
 from guarded_serving.recipes import engine_failure, pneumonia
 from guarded_serving.wrap import MANIFEST_FILE
 
@@ -101,8 +102,6 @@ def test_pneumonia_answers_with_a_pixel_map_and_patches(client, networks, images
 
 
 def pneumonia_background_rows() -> int:
-    from guarded_serving.policy import Policy
-
     return Policy.from_file(pneumonia.POLICY_FILE).explanation.gradient.background_rows
 
 
@@ -122,6 +121,65 @@ def test_a_png_gets_the_same_answer_as_its_pixel_array(client, images):
     np.testing.assert_allclose(
         a["explanation"]["attributions"]["map"], b["explanation"]["attributions"]["map"], atol=1e-6
     )
+
+
+def _png_of(pixels: np.ndarray, mode: str = "L") -> str:
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels)
+    (image if image.mode == mode else image.convert(mode)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_16_bit_png_is_read_on_the_same_scale(client, images):
+    x, _ = images
+    grey = np.rint(x[7] * 255).astype(np.uint16)
+
+    narrow = client.post(
+        "/predict",
+        json={"model": "pneumonia", "records": [{"png": _png_of(grey.astype(np.uint8))}]},
+    )
+    wide = client.post(
+        "/predict", json={"model": "pneumonia", "records": [{"png": _png_of(grey * 257, "I;16")}]}
+    )
+
+    assert wide.status_code == 200, wide.text
+    assert wide.json()["predictions"][0]["probability"] == pytest.approx(
+        narrow.json()["predictions"][0]["probability"], abs=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda grey: _png_of(grey, "RGB"), "unsupported_image"),
+        (lambda grey: _png_of(grey, "RGBA"), "unsupported_image"),
+        (lambda grey: _png_of(grey)[:200], "not_png"),  # cut inside the pixel data
+    ],
+)
+def test_images_that_are_not_plain_grey_pngs_get_a_422(client, images, make, code):
+    x, _ = images
+    png = make(np.rint(x[7] * 255).astype(np.uint8))
+    padded = png + "=" * (-len(png) % 4)
+
+    reply = client.post("/predict", json={"model": "pneumonia", "records": [{"png": padded}]})
+
+    assert reply.status_code == 422, reply.text
+    assert (reply.json()["code"], reply.json()["field"]) == (code, "records[0].png")
+
+
+def test_a_full_batch_is_answered_in_time_with_the_explanation_budget(client, images):
+    x, _ = images
+    policy = Policy.from_file(pneumonia.POLICY_FILE)
+    rows = [x[i % len(x)].tolist() for i in range(policy.limits.max_batch_rows)]
+
+    reply = client.post("/predict", json={"model": "pneumonia", "records": rows})
+
+    assert reply.status_code == 200, reply.text
+    statuses = [p["explanation"]["status"] for p in reply.json()["predictions"]]
+    assert statuses[0] == "ok"
+    assert set(statuses) <= {"ok", "skipped_time_budget"}
+    budget_s = policy.explanation.gradient.time_budget_ms / 1000
+    assert reply.elapsed.total_seconds() < budget_s + 10
 
 
 def test_both_versions_are_served_and_routed(client, networks, images):

@@ -137,7 +137,8 @@ def test_requests_route_by_name_and_version(multi_server, wrapped, adult, api_ke
     assert (wrong.status_code, wrong.json()["code"]) == (404, "unknown_model")
     # With several models served, the name is required.
     unnamed = httpx.post(multi_server.url + "/predict", headers=headers, json={"records": rows})
-    assert (unnamed.status_code, unnamed.json()["field"]) == (404, "model")
+    assert (unnamed.status_code, unnamed.json()["field"]) == (422, "model")
+    assert unnamed.json()["code"] == "missing_field"
 
 
 def test_fairness_is_kept_per_model(multi_server, adult, api_keys):
@@ -161,6 +162,30 @@ def test_fairness_is_kept_per_model(multi_server, adult, api_keys):
     assert total(after, "adult_xgboost") == total(before, "adult_xgboost") + 5
     for kind in ("sklearn", "onnx", "torchscript"):
         assert total(after, f"adult_{kind}") == total(before, f"adult_{kind}")
+
+
+def test_a_label_counts_only_for_the_model_that_made_the_prediction(multi_server, adult, api_keys):
+    policy, _, test = adult
+    headers = {"Authorization": f"Bearer {api_keys['bob']}"}
+    rows = adult_models.records(test.head(1), policy)
+    context = test.head(1)[["sex", "race"]].to_dict("records")
+    reply = httpx.post(
+        multi_server.url + "/predict",
+        headers=headers,
+        json={"model": "adult_xgboost", "records": rows, "context": context},
+    )
+    [record_id] = [p["id"] for p in reply.json()["predictions"]]
+    label = {"labels": [{"id": record_id, "label": "over_50k"}]}
+
+    elsewhere = httpx.post(
+        multi_server.url + "/feedback", headers=headers, json={"model": "adult_sklearn", **label}
+    )
+    assert elsewhere.status_code == 200
+    assert (elsewhere.json()["accepted"], elsewhere.json()["unknown_ids"]) == (0, [record_id])
+    own = httpx.post(
+        multi_server.url + "/feedback", headers=headers, json={"model": "adult_xgboost", **label}
+    )
+    assert (own.json()["accepted"], own.json()["unknown_ids"]) == (1, [])
 
 
 def _sigmoid(x: float) -> float:

@@ -269,8 +269,9 @@ def test_one_missing_tag_does_not_stop_the_good_model(credit_run: Any) -> None:
     with pytest.raises(ModelUnavailable):
         registry.get("pneumonia")
     # With two models configured, a request must name one.
-    with pytest.raises(UnknownModel):
+    with pytest.raises(InvalidInput) as caught:
         registry.get(None)
+    assert (caught.value.code, caught.value.field) == ("missing_field", "model")
 
 
 def test_a_store_model_without_an_artifact_does_not_stop_the_good_model(

@@ -210,6 +210,20 @@ def test_bad_context(
     assert "other-zq" not in _client_text(error)
 
 
+def test_bad_records_do_not_make_their_context_mismatch(
+    guard: SchemaGuard, credit_record: dict[str, Any]
+) -> None:
+    broken = credit_record | {"purpose": "A499"}
+    context = [{"sex": "female"}, {"sex": "male"}]
+
+    error = _rejected(guard, _request([credit_record, broken], context=context))
+
+    assert _problems(error) == {("records[1].purpose", "unknown_category")}
+    for records in ({"duration_months": 12}, None):
+        error = _rejected(guard, _request(records, context=context))
+        assert {field for field, _ in _problems(error)} == {"records"}
+
+
 @pytest.mark.parametrize("explain", ["yes", 1, None])
 def test_explain_must_be_a_boolean(
     guard: SchemaGuard, credit_record: dict[str, Any], explain: Any
@@ -224,7 +238,7 @@ def test_explain_must_be_a_boolean(
     [
         ({"duration_months": 12}, ("records", "wrong_type")),
         ("records", ("records", "wrong_type")),
-        (None, ("records", "wrong_type")),
+        (None, ("records", "missing_field")),
         ([], ("records", "empty")),
         ([42], ("records[0]", "wrong_type")),
     ],
