@@ -67,7 +67,7 @@ def run_demo(port: int = 0, echo: Any = print) -> int:
             base_url=server.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30.0
         ) as client:
             _query(client, echo)
-            _query_networks(client, echo)
+            _query_networks(client, tags, echo)
     echo("\nserver stopped")
     return 0
 
@@ -160,17 +160,19 @@ def _query(client: httpx.Client, echo: Any) -> None:
     _show_fairness(report, echo)
 
 
-def _query_networks(client: httpx.Client, echo: Any) -> None:
+def _query_networks(client: httpx.Client, tags: dict[str, str], echo: Any) -> None:
     if "pneumonia" in RECIPES:
         echo("\n== 8. pneumonia: a chest X-ray as a PNG, explained as a map")
+        echo(_served_version(tags["pneumonia"], "accuracy", "images"))
         x, y = load_recipe("pneumonia").test_data()
         index = int(np.flatnonzero(y == 1)[0])
         png = _png(x[index])
         reply = client.post("/predict", json={"model": "pneumonia", "records": [{"png": png}]})
         reply.raise_for_status()
         prediction = reply.json()["predictions"][0]
-        truth = "pneumonia" if y[index] else "normal"
-        _show_network(prediction, f"test image {index} (truth {truth})", echo)
+        _show_network(
+            prediction, f"test image {index} (truth {_label('pneumonia', y[index])})", echo
+        )
         patches = np.asarray(prediction["explanation"]["attributions"]["patches"])
         order = np.argsort(-np.abs(patches), axis=None)[:3]
         for flat in order:
@@ -182,6 +184,7 @@ def _query_networks(client: httpx.Client, echo: Any) -> None:
         echo(f"    a 20x28 array instead -> {bad.status_code} {_error(bad)}")
     if "engine_failure" in RECIPES:
         echo("\n== 9. engine_failure: the last 30 cycles of a test engine")
+        echo(_served_version(tags["engine_failure"], "f1", "engines"))
         x, y = load_recipe("engine_failure").test_data()
         index = int(np.flatnonzero(y == 1)[0])
         reply = client.post(
@@ -189,8 +192,8 @@ def _query_networks(client: httpx.Client, echo: Any) -> None:
         )
         reply.raise_for_status()
         prediction = reply.json()["predictions"][0]
-        truth = "fails within 30 cycles" if y[index] else "runs past 30 cycles"
-        _show_network(prediction, f"test engine {index} (truth: {truth})", echo)
+        truth = _label("engine_failure", y[index])
+        _show_network(prediction, f"test engine {index} (truth {truth})", echo)
         totals = prediction["explanation"]["attributions"]["totals"]
         for sensor, value in sorted(totals.items(), key=lambda kv: -abs(kv[1]))[:3]:
             echo(f"    {value:+.3f}  {sensor} (all 30 cycles)")
@@ -202,6 +205,21 @@ def _query_networks(client: httpx.Client, echo: Any) -> None:
             headers={"Content-Type": "application/json"},
         )
         echo(f"    a NaN reading instead -> {bad.status_code} {_error(bad)}")
+
+
+def _served_version(tag: str, figure: str, unit: str) -> str:
+    """Which version answers, and its held-out figure from the manifest."""
+    stored = bentoml.models.get(tag)
+    manifest = json.loads(Path(stored.path_of(MANIFEST_FILE)).read_text())
+    test = manifest.get("figures", {}).get("test", {})
+    variant = stored.info.labels.get("variant", "")
+    figure_text = f"; test {figure} {test[figure]:.3f} on {test['rows']} {unit}" if test else ""
+    return f"served by {stored.tag} ({variant}{figure_text}); one of them:"
+
+
+def _label(model: str, truth: int) -> str:
+    output = Policy.from_file(load_recipe(model).POLICY_FILE).output
+    return output.positive_label if truth else output.negative_label
 
 
 def _show_network(prediction: dict, what: str, echo: Any) -> None:

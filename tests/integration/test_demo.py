@@ -54,10 +54,15 @@ def test_the_demo_prints_the_fairness_table_per_protected_group(demo_output):
     assert re.search(r"disparate impact +[\d.]+, demographic parity diff", demo_output)
 
 
-def test_the_demo_shows_one_answer_from_each_network(demo_output):
+def test_the_demo_shows_one_answer_from_each_network(demo_output, networks):
+    for name, figure in (("pneumonia", "accuracy"), ("engine_failure", "f1")):
+        hardened = re.escape(networks[name][-1])
+        assert re.search(
+            rf"served by {hardened} \(hardened; test {figure} [\d.]+ on \d+", demo_output
+        )
     assert re.search(r"test image \d+ \(truth pneumonia\): (pneumonia|normal) \(p=", demo_output)
     assert "a 20x28 array instead -> 422 wrong_shape" in demo_output
-    assert re.search(r"test engine \d+ \(truth: fails within 30 cycles\)", demo_output)
+    assert re.search(r"test engine \d+ \(truth fails_within_30\)", demo_output)
     assert re.search(r"[-+][\d.]+  sensor_\d+ \(all 30 cycles\)", demo_output)
     assert "a NaN reading instead -> 422 not_finite (records[0][29][0])" in demo_output
     assert demo_output.count("integrated_gradients: base") == 2
