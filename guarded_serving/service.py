@@ -16,6 +16,7 @@ from http import HTTPStatus
 from typing import Annotated, Any
 
 import bentoml
+import numpy as np
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -110,7 +111,12 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 # JSON nested deeper than this is refused (400): a tensor record of rank 4 in a
 # batch sits at depth 6, and BentoML's own parser stops at 200.
 MAX_JSON_DEPTH = 32
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# +1 for each byte that opens an array or object, -1 for each that closes one.
+_BRACKET_STEP = np.zeros(256, dtype=np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
 _ROUTES = frozenset({"/predict", "/feedback", "/fairness", "/models"})
 # The top-level fields each API takes; others are refused with 422 after identify.
 _API_FIELDS = {
@@ -194,27 +200,27 @@ async def _read_body(
         return body, {}, (400, "the body is not valid JSON in UTF-8")
     if not isinstance(parsed, dict):
         return body, {}, (400, "the body must be a JSON object")
-    problem = _structure_problem(parsed)
+    problem = _structure_problem(body, parsed)
     if problem is not None:
         return body, {}, (400, problem)
     return body, parsed, None
 
 
-def _structure_problem(document: Any) -> str | None:
-    """Why a parsed body would not survive BentoML's parser, or ``None``."""
-    stack = [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            return f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if _SURROGATE.search(key):
-                    return "the body holds an unpaired surrogate escape"
-                stack.append((item, depth + 1))
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value)
-        elif isinstance(value, str) and _SURROGATE.search(value):
+def _structure_problem(body: bytes, document: Any) -> str | None:
+    """Why a parsed body would not survive BentoML's parser, or ``None``.
+
+    Both checks run at C speed on the raw bytes, so a 2 MiB body costs milliseconds
+    on the event loop: the nesting depth from the brackets outside strings, and
+    unpaired surrogates only where the body has surrogate escapes at all.
+    """
+    outside_strings = np.frombuffer(_JSON_STRING.sub(b"", body), dtype=np.uint8)
+    depth = np.cumsum(_BRACKET_STEP[outside_strings], dtype=np.int32)
+    if depth.size and int(depth.max()) > MAX_JSON_DEPTH:
+        return f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
             return "the body holds an unpaired surrogate escape"
     return None
 
