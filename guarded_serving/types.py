@@ -75,6 +75,9 @@ class ScoringRequest:
     labels: list[str] = field(default_factory=list)
     explanations: list[Explanation] | None = None
     verdicts: list[Verdict] = field(default_factory=list)
+    deadline_s: float | None = None
+    """``time.monotonic()`` instant by which explaining must stop, when the transport
+    sets one (it counts the time the request waited before it reached the pipeline)."""
 
     @property
     def n_rows(self) -> int:

@@ -19,11 +19,18 @@ FAILED = "failed"
 
 
 class Explainer(Protocol):
-    """Attributions per original feature for every row of a batch."""
+    """Attributions per original feature for every row of a batch.
+
+    ``deadline_s`` is a ``time.monotonic()`` instant after which an explainer with a
+    time budget explains no more rows, whatever is left of its own budget; exact
+    explainers, which cost about as much as a prediction, may ignore it.
+    """
 
     method: str
 
-    def explain(self, inputs: ModelInput) -> list[Explanation]: ...
+    def explain(
+        self, inputs: ModelInput, deadline_s: float | None = None
+    ) -> list[Explanation]: ...
 
 
 def describe_background(background: np.ndarray) -> dict[str, Any]:
@@ -62,7 +69,7 @@ class ExplainStage:
         if model.explainer is None or not model.policy.explanation.enabled or not request.explain:
             return
         try:
-            explanations = model.explainer.explain(request.inputs)
+            explanations = model.explainer.explain(request.inputs, request.deadline_s)
         except Exception as exc:  # noqa: BLE001 - attributions must not cost the answer
             logger.warning(
                 "explainer failed (%s); answering without attributions",

@@ -32,7 +32,7 @@ class XGBoostTreeExplainer:
         self.encoder = encoder
         self._names = list(encoder.feature_columns)
 
-    def explain(self, inputs: ModelInput) -> list[Explanation]:
+    def explain(self, inputs: ModelInput, deadline_s: float | None = None) -> list[Explanation]:
         contributions = self.runtime.contributions(inputs.matrix)
         per_feature = self.encoder.fold(contributions[:, :-1])
         bias = contributions[:, -1].astype(np.float64)
@@ -92,7 +92,7 @@ class SklearnTreeExplainer:
             values, base = values[:, :, -1], base[-1:]
         return values, np.broadcast_to(base[-1], (values.shape[0],))
 
-    def explain(self, inputs: ModelInput) -> list[Explanation]:
+    def explain(self, inputs: ModelInput, deadline_s: float | None = None) -> list[Explanation]:
         values, base = self.raw_values(inputs)
         folded = np.stack([values[:, g].sum(axis=1) for g in self._groups], axis=1)
         return [

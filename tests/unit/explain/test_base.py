@@ -17,14 +17,14 @@ from guarded_serving.types import Explanation, ScoringRequest
 class _Broken:
     method = "integrated_gradients"
 
-    def explain(self, inputs):
+    def explain(self, inputs, deadline_s=None):
         raise RuntimeError("secret detail that must stay in the log")
 
 
 class _Fine:
     method = "tree_shap"
 
-    def explain(self, inputs):
+    def explain(self, inputs, deadline_s=None):
         return [Explanation(method=self.method, base_value=0.5, attributions={"a": 1.0})] * len(
             inputs
         )

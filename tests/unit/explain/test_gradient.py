@@ -153,3 +153,14 @@ def test_rows_past_the_time_budget_are_answered_without_attributions(data: Data)
     assert explanations[-1].details["time_budget_ms"] == 5
     # Rows past the budget cost nothing: one batched forward pass, one explained row.
     assert calls == 3  # the background's base value, the logits, the one row
+
+
+def test_no_row_is_explained_past_the_request_deadline(data: Data) -> None:
+    net = _MLP(data.train, seed=0)
+    explainer = _explainer(net, data, steps=8)
+
+    late = explainer.explain(data.rows, deadline_s=time.monotonic() - 1.0)
+    in_time = explainer.explain(data.rows, deadline_s=time.monotonic() + 60.0)
+
+    assert {e.status for e in late} == {"skipped_time_budget"}
+    assert {e.status for e in in_time} == {"ok"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +138,14 @@ def test_a_spent_time_budget_skips_later_rows_without_failing(fitted: Fitted) ->
         assert explanation.output_space == "probability"
         assert explanation.details["time_budget_ms"] == 1
         assert np.isfinite(explanation.base_value)
+
+
+def test_no_row_is_explained_past_the_request_deadline(fitted: Fitted) -> None:
+    explainer = KernelShapExplainer(fitted.runtime, fitted.encoder, fitted.background, BUDGET)
+
+    late = explainer.explain(fitted.rows, deadline_s=time.monotonic() - 1.0)
+
+    assert {e.status for e in late} == {"skipped_time_budget"}
 
 
 def test_missing_features_are_filled_with_whole_background_values(fitted: Fitted) -> None:
