@@ -44,6 +44,11 @@ class InvalidInput(GuardedServingError):
         super().__init__(f"{field}: {message}", code=rule, field=field)
         self.rule = rule
 
+    def to_dict(self, request_id: str | None = None) -> dict[str, Any]:
+        body = super().to_dict(request_id)
+        body["errors"] = [{"field": self.field, "code": self.code, "error": self.message}]
+        return body
+
 
 class InvalidInputs(GuardedServingError):
     """Several schema violations found in one request, reported together."""

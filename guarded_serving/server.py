@@ -136,8 +136,10 @@ class GuardedServer:
         context: Any = None,
         explain: Any = True,
         unexpected: InvalidInputs | None = None,
+        deadline_s: float | None = None,
     ) -> Reply:
-        """Score a batch. ``unexpected`` carries body fields the transport did not know."""
+        """Score a batch. ``unexpected`` carries body fields the transport did not know;
+        ``deadline_s`` is when explaining must stop (see ``ScoringRequest.deadline_s``)."""
         request_id = uuid.uuid4().hex
         try:
             # Authenticate before saying anything about which models exist.
@@ -152,6 +154,7 @@ class GuardedServer:
                 raw_records=records,
                 raw_context=context,
                 raw_explain=explain,
+                deadline_s=deadline_s,
             )
             self.pipeline.run(request)
         except GuardedServingError as exc:
@@ -195,8 +198,9 @@ class GuardedServer:
         except GuardedServingError as exc:
             return Reply.error(exc, request_id)
         complete = self.accumulator.flush(timeout_s=2.0)
-        report = self.accumulator.report(self.policies, model=model).to_dict()
+        report = self.accumulator.report(self.policies, model=model, known_only=True).to_dict()
         accumulator = self.accumulator
+        report["request_id"] = request_id
         report["complete"] = complete and not (accumulator.failed or accumulator.invalid)
         report["dropped_events"] = accumulator.dropped
         report["failed_events"] = accumulator.failed + accumulator.invalid
@@ -280,8 +284,12 @@ def _in_space(score: float, score_space: str, space: str) -> float:
 
 
 def _label_events(labels: Any, model: LoadedModel) -> list[LabelEvent]:
-    if not isinstance(labels, list) or not labels:
-        raise InvalidInput("labels", "wrong_type", "expected a non-empty list of objects")
+    if labels is None:
+        raise InvalidInput("labels", "missing_field", "required")
+    if not isinstance(labels, list):
+        raise InvalidInput("labels", "wrong_type", "expected a list of objects")
+    if not labels:
+        raise InvalidInput("labels", "empty", "expected at least one label")
     if len(labels) > MAX_FEEDBACK_LABELS:
         raise InvalidInput(
             "labels", "too_many", f"at most {MAX_FEEDBACK_LABELS} labels per request"

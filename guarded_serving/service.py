@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from http import HTTPStatus
 from typing import Annotated, Any
@@ -59,6 +60,13 @@ def _unexpected(scope: Scope) -> InvalidInputs | None:
                       "unexpected_field", "not a field of this endpoint")
          for name in names[:50]]
     )  # fmt: skip
+
+
+def _explain_deadline(scope: Scope) -> float | None:
+    """When explaining must stop: early enough after arrival that the answer beats the
+    request timeout, however long the request waited for a worker thread."""
+    arrived = scope.get(ARRIVED_KEY)
+    return None if arrived is None else arrived + EXPLAIN_WITHIN_S
 
 
 def _response(reply: Reply, ctx: bentoml.Context | None = None) -> JSONResponse:
@@ -111,13 +119,25 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 # JSON nested deeper than this is refused (400): a tensor record of rank 4 in a
 # batch sits at depth 6, and BentoML's own parser stops at 200.
 MAX_JSON_DEPTH = 32
+# Numbers longer than this are refused (400): no float needs them, and BentoML's
+# parser gives up on some that Python's reads.
+MAX_NUMBER_CHARS = 64
+_LONG_NUMBER = re.compile(rb"[-+0-9.eE]{%d,}" % (MAX_NUMBER_CHARS + 1))
 _JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # +1 for each byte that opens an array or object, -1 for each that closes one.
 _BRACKET_STEP = np.zeros(256, dtype=np.int8)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1
-_ROUTES = frozenset({"/predict", "/feedback", "/fairness", "/models"})
+# BentoML answers 504 past this. Explanations stop EXPLAIN_WITHIN_S after a request
+# arrives, leaving the rest for predicting, encoding and the queue behind it.
+REQUEST_TIMEOUT_S = 30
+EXPLAIN_WITHIN_S = 20.0
+# Sync API calls run on this many threads, so that quick requests are not held up
+# behind one that spends its explanation budget.
+API_THREADS = 4
+ARRIVED_KEY = "guarded_serving.arrived_s"
+"""Where the gate notes, in the request scope, when the request arrived (monotonic)."""
 # The top-level fields each API takes; others are refused with 422 after identify.
 _API_FIELDS = {
     "/predict": frozenset({"records", "context", "model", "version", "explain"}),
@@ -136,12 +156,14 @@ class RequestGate:
     For ``POST /predict`` and ``/feedback`` the body must be JSON (415 otherwise), at
     most ``MAX_BODY_BYTES`` (413, refused on its declared length before it is read),
     and a JSON object in UTF-8 without a byte-order mark, nested at most
-    ``MAX_JSON_DEPTH`` deep, with no unpaired surrogate escapes (400): what BentoML's
-    own parser then reads the same way. A body that passes is handed on unchanged.
-    Our routes with a trailing slash are not found (404) rather than redirected to
-    the client's ``Host``. Any error answer that did not come from the server core
-    (BentoML's own 404, 405, 500, 504 and the like) is rewritten into the
-    ``{"error", "code", "request_id"}`` envelope, with no exception text.
+    ``MAX_JSON_DEPTH`` deep, with no number over ``MAX_NUMBER_CHARS`` characters and
+    no unpaired surrogate escapes (400): what BentoML's own parser then reads the same
+    way. A body that passes is handed on unchanged. Any error answer that did not come
+    from the server core (BentoML's own 404, 405, 500 and the like) is rewritten into
+    the ``{"error", "code", "request_id"}`` envelope, with no exception text, and a
+    redirect (the router's, for a path with a trailing slash, to the client's own
+    ``Host``) becomes a 404. The gate also notes when each request arrived
+    (``ARRIVED_KEY``), so that explanations can stop in time.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -151,11 +173,8 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        if len(path) > 1 and path.endswith("/") and path.rstrip("/") in _ROUTES:
-            await _send_error(send, 404, "not found")
-            return
-        allowed = _API_FIELDS.get(path)
+        scope[ARRIVED_KEY] = time.monotonic()
+        allowed = _API_FIELDS.get(scope["path"])
         if scope["method"] == "POST" and allowed is not None:
             body, parsed, problem = await _read_body(scope, receive)
             if problem is not None:
@@ -170,10 +189,10 @@ async def _read_body(
     scope: Scope, receive: Receive
 ) -> tuple[bytes, dict[str, Any], tuple[int, str] | None]:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    media_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         return b"", {}, (415, "the body must be application/json")
-    if headers.get("content-encoding", "identity").lower() != "identity":
+    if headers.get("content-encoding", "").strip().lower() not in ("", "identity"):
         return b"", {}, (415, "compressed bodies are not accepted")
     declared = headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -191,37 +210,44 @@ async def _read_body(
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
-    if not body.strip():
-        return body, {}, (400, "the body is empty; expected a JSON object")
-    try:
-        # Strict UTF-8: a byte-order mark or another encoding is refused here.
-        parsed = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return body, {}, (400, "the body is not valid JSON in UTF-8")
-    if not isinstance(parsed, dict):
-        return body, {}, (400, "the body must be a JSON object")
-    problem = _structure_problem(body, parsed)
+    problem = _text_problem(body)
     if problem is not None:
         return body, {}, (400, problem)
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return body, {}, (400, "the body is not valid JSON")
+    if not isinstance(parsed, dict):
+        return body, {}, (400, "the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return body, {}, (400, "the body holds an unpaired surrogate escape")
     return body, parsed, None
 
 
-def _structure_problem(body: bytes, document: Any) -> str | None:
-    """Why a parsed body would not survive BentoML's parser, or ``None``.
+def _text_problem(body: bytes) -> str | None:
+    """Why a body cannot be JSON that BentoML's own parser reads as we do, or ``None``.
 
-    Both checks run at C speed on the raw bytes, so a 2 MiB body costs milliseconds
-    on the event loop: the nesting depth from the brackets outside strings, and
-    unpaired surrogates only where the body has surrogate escapes at all.
+    Checked on the raw bytes at C speed (milliseconds for a full body, on the event
+    loop): strict UTF-8 without a byte-order mark, the nesting depth counted from the
+    brackets outside strings, and the length of every number.
     """
-    outside_strings = np.frombuffer(_JSON_STRING.sub(b"", body), dtype=np.uint8)
-    depth = np.cumsum(_BRACKET_STEP[outside_strings], dtype=np.int32)
-    if depth.size and int(depth.max()) > MAX_JSON_DEPTH:
+    if not body.strip():
+        return "the body is empty; expected a JSON object"
+    if body.startswith(b"\xef\xbb\xbf"):
+        return "the body starts with a byte-order mark; send plain UTF-8"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the body is not UTF-8"
+    outside_strings = _JSON_STRING.sub(b'""', body)
+    steps = _BRACKET_STEP[np.frombuffer(outside_strings, dtype=np.uint8)]
+    if int(np.cumsum(steps, dtype=np.int32).max()) > MAX_JSON_DEPTH:
         return f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
-    if _SURROGATE_ESCAPE.search(body):
-        try:
-            json.dumps(document, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            return "the body holds an unpaired surrogate escape"
+    if _LONG_NUMBER.search(outside_strings):
+        return f"a number in the body is longer than {MAX_NUMBER_CHARS} characters"
     return None
 
 
@@ -265,6 +291,10 @@ def _enveloping(send: Send) -> Send:
         if message["type"] == "http.response.start":
             status = message["status"]
             ours = any(k.lower() == b"x-request-id" for k, _ in message.get("headers", []))
+            if 300 <= status < 400 and not ours:
+                # The router redirects '/livez/' to '/livez' on the client's own Host
+                # header; no route of ours redirects, so such a path is simply not found.
+                status = 404
             if status >= 400 and not ours:
                 rewriting = True
                 reason = HTTPStatus(status).phrase.lower() if status in _KNOWN else "error"
@@ -299,7 +329,9 @@ Context = Annotated[
 
 
 @bentoml.asgi_app(read_app, path="/")
-@bentoml.service(name="guarded_serving", workers=1, traffic={"timeout": 30})
+@bentoml.service(
+    name="guarded_serving", workers=1, threads=API_THREADS, traffic={"timeout": REQUEST_TIMEOUT_S}
+)
 class GuardedService:
     """Guarded, explained, fairness-monitored model serving."""
 
@@ -331,6 +363,7 @@ class GuardedService:
             context=context,
             explain=explain,
             unexpected=_unexpected(ctx.request.scope),
+            deadline_s=_explain_deadline(ctx.request.scope),
         )
         return _response(reply, ctx)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 
 from opentelemetry import metrics, trace
@@ -127,8 +128,31 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class ControlCharacterFilter(logging.Filter):
+    """Escape control characters (line breaks, terminal escapes, NUL) in a record's
+    arguments, so that text a client chose, such as a request path in BentoML's
+    access log, cannot forge or hide log lines."""
+
+    _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._CONTROL.sub(_escape, a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\x{ord(match[0]):02x}"
+
+
 def install_json_logging(level: int = logging.INFO) -> None:
-    """Send this package's logs to stderr as JSON lines; for server entry points only."""
+    """Send this package's logs to stderr as JSON lines, and escape control characters
+    in BentoML's access log; for server entry points only."""
+    access = logging.getLogger("bentoml.access")
+    if not any(isinstance(f, ControlCharacterFilter) for f in access.filters):
+        access.addFilter(ControlCharacterFilter())
     package = logging.getLogger(METER_NAME)
     if any(isinstance(h.formatter, JsonLogFormatter) for h in package.handlers):
         return

@@ -240,6 +240,7 @@ class FairnessAccumulator:
         policies: Mapping[str, Policy] | None = None,
         model: str | None = None,
         since_timestamp_s: float | None = None,
+        known_only: bool = False,
     ) -> FairnessReport:
         """Fairness figures from the store; queued events are not yet included.
 
@@ -249,6 +250,8 @@ class FairnessAccumulator:
             policies: Policy per model name, giving protected attributes and
                 thresholds; models without one get default thresholds.
             model: Only this model; every model when ``None``.
+            known_only: Only the models ``policies`` names (the store may hold
+                counts of models this server no longer serves).
             since_timestamp_s: Only time windows that start at or after the window
                 holding this Unix time; all windows when ``None``.
 
@@ -259,8 +262,10 @@ class FairnessAccumulator:
         if since_timestamp_s is not None:
             since_window_start = int(since_timestamp_s // self.window_s) * self.window_s
         counts = self.store.counts(model=model, since_window_start=since_window_start)
-
         policies = dict(policies or {})
+        if known_only:
+            counts = [c for c in counts if c.model in policies]
+
         if model is not None:
             policies = {model: policies[model]} if model in policies else {}
         return report_for_policies(counts, policies)

@@ -192,6 +192,15 @@ def test_feedback_rejects_bad_labels_and_reports_unknown_ids(server, api_keys, r
     assert bad.status_code == 422
     assert (bad.json()["field"], bad.json()["code"]) == ("labels[1].label", "unknown_label")
 
+    for body, field, code in (
+        ({}, "labels", "missing_field"),
+        ({"labels": []}, "labels", "empty"),
+        ({"labels": {"id": ids[0]}}, "labels", "wrong_type"),
+    ):
+        refused = _post(server, "/feedback", api_keys["alice"], body)
+        assert (refused.status_code, refused.json()["field"]) == (422, field)
+        assert refused.json()["code"] == code
+        assert refused.json()["errors"][0]["code"] == code
     for entry, field, code in (
         ({"id": "missing-0", "label": "bad"}, "labels[0].id", "wrong_type"),
         ({"id": ids[0], "label": "good", "sex": "female"}, "labels[0]", "unexpected_field"),
@@ -243,8 +252,12 @@ def test_readiness_and_model_status(server, credit_model, api_keys):
     }
 
 
-def test_fairness_needs_a_key(server):
+def test_fairness_needs_a_key_and_names_its_request(server, api_keys):
     assert httpx.get(server.url + "/fairness").status_code == 401
+    reply = httpx.get(
+        server.url + "/fairness", headers={"Authorization": f"Bearer {api_keys['alice']}"}
+    )
+    assert reply.json()["request_id"] == reply.headers["X-Request-ID"]
 
 
 def test_margins_are_deterministic_across_requests(server, api_keys, rows):
@@ -290,6 +303,10 @@ def _nested(depth: int) -> bytes:
         _nested(500),
         b'{"model": "\\ud800", "records": []}',  # an unpaired surrogate escape
         b'{"records": [{"\\udfff": 1}]}',
+        # Numbers longer than any float needs: Python reads some, BentoML's parser not.
+        b'{"explain": 1' + b"0" * 4300 + b"e-4300}",
+        b'{"labels": [{"id": "x", "label": ' + b"9" * 4301 + b".0}]}",
+        b'{"explain": ' + b"1" * 4301 + b"}",
     ],
 )
 def test_bodies_the_frameworks_parser_would_choke_on_get_400_and_no_traceback(
@@ -330,7 +347,9 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body(server, api
     assert "body_too_large" in answer
 
 
-@pytest.mark.parametrize("path", ["/predict/", "/feedback/", "/models/", "/fairness/"])
+@pytest.mark.parametrize(
+    "path", ["/predict/", "/feedback/", "/models/", "/fairness/", "/livez/", "/readyz/?next=1"]
+)
 def test_routes_with_a_trailing_slash_are_not_redirected(server, api_keys, path):
     headers = {"Authorization": f"Bearer {api_keys['alice']}", "Host": "evil.example"}
     reply = httpx.request(
@@ -341,6 +360,32 @@ def test_routes_with_a_trailing_slash_are_not_redirected(server, api_keys, path)
     )
     assert (reply.status_code, reply.json()["code"]) == (404, "not_found")
     assert "location" not in reply.headers
+
+
+def test_a_body_without_a_content_type_gets_415(server, api_keys, rows):
+    reply = httpx.post(
+        server.url + "/predict",
+        content=json.dumps({"records": rows[:1]}).encode(),
+        headers={"Authorization": f"Bearer {api_keys['alice']}"},
+    )
+    assert (reply.status_code, reply.json()["code"]) == (415, "unsupported_media_type")
+    plain = httpx.post(
+        server.url + "/predict",
+        json={"records": rows[:1]},
+        headers={"Authorization": f"Bearer {api_keys['alice']}", "Content-Encoding": ""},
+    )
+    assert plain.status_code == 200
+
+
+def test_a_request_path_cannot_forge_access_log_lines(server):
+    logged = len(server.log())
+    forged = "2026-01-01T00:00:00+0000 [ERROR] [entry_service:guarded_serving:1] forged"
+
+    httpx.get(server.url + "/x%0A" + forged.replace(" ", "%20") + "%1b[31m")
+
+    new_lines = server.log()[logged:].splitlines()
+    assert not any(line.startswith("2026-01-01") for line in new_lines)
+    assert any("\\x0a2026-01-01" in line and "\\x1b" in line for line in new_lines)
 
 
 def test_oversized_body_gets_413(server, api_keys):

@@ -284,3 +284,11 @@ def test_report_can_start_at_a_later_window(running: FairnessAccumulator) -> Non
     assert everything.n == 2
     assert recent.groups["male"].n == 1
     assert recent.groups["male"].selected == 0
+
+
+def test_the_report_can_leave_out_models_without_a_policy(running: FairnessAccumulator) -> None:
+    running.record(event(["a"], [1], ["male"]))
+    assert running.flush()
+
+    assert MODEL in running.report().models
+    assert running.report({}, known_only=True).models == {}
