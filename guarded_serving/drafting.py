@@ -46,7 +46,8 @@ def draft_policy(
     """A validated draft policy for ``model_path`` over the columns of ``data_path``.
 
     Args:
-        exclude: Columns that are neither features nor protected (the label, ids).
+        exclude: Columns that are neither features nor protected (the label, ids);
+            each must be in the data.
         protected: Columns the user names as protected attributes; their groups are
             read from the data, and they never become features.
     """
@@ -55,10 +56,13 @@ def draft_policy(
     missing = [c for c in protected if c not in frame.columns]
     if missing:
         raise ConfigError(f"the data has no column {', '.join(missing)} to protect")
+    absent = [c for c in exclude if c and c not in frame.columns]
+    if absent:
+        raise ConfigError(f"the data has no column {', '.join(absent)} to leave out")
     attributes = [
         {"name": c, "groups": sorted({str(v) for v in frame[c].dropna()})} for c in protected
     ]
-    frame = frame.drop(columns=[c for c in [*exclude, *protected] if c], errors="ignore")
+    frame = frame.drop(columns=[c for c in [*exclude, *protected] if c])
     names = model_input_names(model_path, trust)
     if names is not None:
         missing = [n for n in names if n not in frame.columns]

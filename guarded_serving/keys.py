@@ -315,7 +315,8 @@ def generate_key_file(path: str | os.PathLike[str], *, overwrite: bool = False) 
             write_new_file(target, data)
         except FileExistsError:
             raise ConfigError(
-                f"master key file {target} already exists; pass overwrite=True to replace it"
+                f"master key file {target} already exists; keep it (models sealed with it "
+                "need it), or replace it on purpose (guarded-serving keys init --overwrite)"
             ) from None
     else:
         replace_file(target, data)

@@ -31,9 +31,15 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _add_client(args: argparse.Namespace) -> int:
-    from guarded_serving.guards.identify import add_client
+    from guarded_serving.guards.identify import add_client, known_clients
 
+    replacing = args.client_id in known_clients(args.file)
     key = add_client(args.file, args.client_id, rows_per_window=args.rows_per_window)
+    if replacing:
+        print(
+            f"replaced the key of {args.client_id}: its old key stops working when the "
+            "servers restart"
+        )
     print(f"API key for {args.client_id} (shown once; only its hash is stored in {args.file}):")
     print(key)
     return 0

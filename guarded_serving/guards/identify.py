@@ -93,8 +93,20 @@ def _read_clients(path: Path) -> ClientsFile:
         ) from None
 
 
+def known_clients(path: str | Path) -> set[str]:
+    """The client ids a keys file holds; none when there is no file yet.
+
+    Raises:
+        ConfigError: The file exists but is not a valid keys file.
+    """
+    path = Path(path)
+    return set(_read_clients(path).clients) if path.exists() else set()
+
+
 def add_client(path: str | Path, client_id: str, rows_per_window: int | None = None) -> str:
     """Create a key for ``client_id``, store its hash in ``path`` and return the key once.
+
+    A client already in the file gets a new key in place of its old one.
 
     Raises:
         ConfigError: The file exists but is not a valid keys file, or the budget is

@@ -191,6 +191,12 @@ def test_a_protected_column_missing_from_the_data_is_refused(sample: Sample) -> 
     assert "religion" in caught.value.message
 
 
+def test_a_target_column_missing_from_the_data_is_refused(sample: Sample) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _draft(sample, "xgboost", exclude=["label"])
+    assert "label" in caught.value.message
+
+
 def test_too_many_distinct_strings_are_refused(sample: Sample) -> None:
     frame = sample.frame.copy()
     frame["person"] = [f"p{i % (MAX_CATEGORIES + 1):04d}" for i in range(len(frame))]

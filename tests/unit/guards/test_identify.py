@@ -13,6 +13,7 @@ from guarded_serving.guards.identify import (
     IdentifyStage,
     add_client,
     hash_key,
+    known_clients,
     new_api_key,
 )
 from guarded_serving.types import Outcome, ScoringRequest
@@ -84,6 +85,23 @@ def test_add_client_again_replaces_that_clients_key(
     found = store.lookup(replacement)
     assert found is not None and found.client_id == "bank-a"
     assert store.lookup(issued["bank-b"]) is not None
+
+
+def test_the_command_says_when_it_replaces_a_key(
+    keys_file: tuple[Path, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guarded_serving import cli
+
+    path, _ = keys_file
+    assert known_clients(path) == {"bank-a", "bank-b"}
+    assert known_clients(tmp_path / "none.yaml") == set()
+
+    assert cli.main(["keys", "add-client", "bank-c", "--file", str(path)]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert cli.main(["keys", "add-client", "bank-a", "--file", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("replaced the key of bank-a")
+    assert ApiKeyStore.from_file(path).lookup(out[-1]).client_id == "bank-a"
 
 
 def test_empty_keys_file_has_no_clients(tmp_path: Path) -> None:
