@@ -162,49 +162,58 @@ def _query(client: httpx.Client, echo: Any) -> None:
 
 def _query_networks(client: httpx.Client, tags: dict[str, str], echo: Any) -> None:
     if "pneumonia" in RECIPES:
-        echo("\n== 8. pneumonia: a chest X-ray as a PNG, explained as a map")
-        echo(_served_version(tags["pneumonia"], "accuracy", "images"))
-        x, y = load_recipe("pneumonia").test_data()
-        index = int(np.flatnonzero(y == 1)[0])
-        png = _png(x[index])
-        reply = client.post("/predict", json={"model": "pneumonia", "records": [{"png": png}]})
-        reply.raise_for_status()
-        prediction = reply.json()["predictions"][0]
-        _show_network(
-            prediction, f"test image {index} (truth {_label('pneumonia', y[index])})", echo
-        )
-        patches = np.asarray(prediction["explanation"]["attributions"]["patches"])
-        order = np.argsort(-np.abs(patches), axis=None)[:3]
-        for flat in order:
-            row, col = np.unravel_index(flat, patches.shape)
-            echo(f"    {patches[row, col]:+.3f}  patch row {row}, column {col} (4x4 pixels)")
-        bad = client.post(
-            "/predict", json={"model": "pneumonia", "records": [x[index][:20].tolist()]}
-        )
-        echo(f"    a 20x28 array instead -> {bad.status_code} {_error(bad)}")
+        _query_pneumonia(client, tags["pneumonia"], echo)
     if "engine_failure" in RECIPES:
-        echo("\n== 9. engine_failure: the last 30 cycles of a test engine")
-        echo(_served_version(tags["engine_failure"], "f1", "engines"))
-        x, y = load_recipe("engine_failure").test_data()
-        index = int(np.flatnonzero(y == 1)[0])
-        reply = client.post(
-            "/predict", json={"model": "engine_failure", "records": [x[index].tolist()]}
-        )
-        reply.raise_for_status()
-        prediction = reply.json()["predictions"][0]
-        truth = _label("engine_failure", y[index])
-        _show_network(prediction, f"test engine {index} (truth {truth})", echo)
-        totals = prediction["explanation"]["attributions"]["totals"]
-        for sensor, value in sorted(totals.items(), key=lambda kv: -abs(kv[1]))[:3]:
-            echo(f"    {value:+.3f}  {sensor} (all 30 cycles)")
-        broken = x[index].tolist()
-        broken[29][0] = float("nan")
-        bad = client.post(
-            "/predict",
-            content=json.dumps({"model": "engine_failure", "records": [broken]}),
-            headers={"Content-Type": "application/json"},
-        )
-        echo(f"    a NaN reading instead -> {bad.status_code} {_error(bad)}")
+        _query_engine(client, tags["engine_failure"], echo)
+
+
+def _query_pneumonia(client: httpx.Client, tag: str, echo: Any) -> None:
+    echo("\n== 8. pneumonia: chest X-rays as PNGs, explained as maps")
+    echo(_served_version(tag, "accuracy", "images"))
+    x, y = load_recipe("pneumonia").test_data()
+    # The first test image of each class, as they come.
+    shown = [int(np.flatnonzero(y == label)[0]) for label in (0, 1)]
+    records = [{"png": _png(x[i])} for i in shown]
+    reply = client.post("/predict", json={"model": "pneumonia", "records": records})
+    reply.raise_for_status()
+    for i, prediction in zip(shown, reply.json()["predictions"], strict=True):
+        _show_network(prediction, f"test image {i} (truth {_label('pneumonia', y[i])})", echo)
+    patches = np.asarray(prediction["explanation"]["attributions"]["patches"])
+    for flat in np.argsort(-np.abs(patches), axis=None)[:3]:
+        row, col = np.unravel_index(flat, patches.shape)
+        echo(f"    {patches[row, col]:+.3f}  patch row {row}, column {col} (4x4 pixels)")
+    bad = client.post("/predict", json={"model": "pneumonia", "records": [x[0][:20].tolist()]})
+    echo(f"a 20x28 array instead -> {bad.status_code} {_error(bad)}")
+
+
+def _query_engine(client: httpx.Client, tag: str, echo: Any) -> None:
+    recipe = load_recipe("engine_failure")
+    echo("\n== 9. engine_failure: the last 30 cycles of two test engines")
+    echo(_served_version(tag, "f1", "engines"))
+    x, y = recipe.test_data()
+    rul = recipe.load_test_rul()
+    # The engines closest to and furthest from failure (test engines are numbered from 1).
+    shown = [int(np.argmin(rul)), int(np.argmax(rul))]
+    reply = client.post(
+        "/predict", json={"model": "engine_failure", "records": [x[i].tolist() for i in shown]}
+    )
+    reply.raise_for_status()
+    predictions = reply.json()["predictions"]
+    for i, prediction in zip(shown, predictions, strict=True):
+        truth = _label("engine_failure", y[i])
+        what = f"test engine {i + 1}, {rul[i]} cycles from failure (truth {truth})"
+        _show_network(prediction, what, echo)
+    totals = predictions[0]["explanation"]["attributions"]["totals"]
+    for sensor, value in sorted(totals.items(), key=lambda kv: -abs(kv[1]))[:3]:
+        echo(f"    {value:+.3f}  {sensor} (all 30 cycles of engine {shown[0] + 1})")
+    broken = x[shown[0]].tolist()
+    broken[29][0] = float("nan")
+    bad = client.post(
+        "/predict",
+        content=json.dumps({"model": "engine_failure", "records": [broken]}),
+        headers={"Content-Type": "application/json"},
+    )
+    echo(f"a NaN reading instead -> {bad.status_code} {_error(bad)}")
 
 
 def _served_version(tag: str, figure: str, unit: str) -> str:
@@ -229,10 +238,15 @@ def _show_network(prediction: dict, what: str, echo: Any) -> None:
         f"{what}: {prediction['label']} (p={prediction['probability']:.3f}); "
         f"anomaly {anomaly['verdict']}"
     )
+    if explanation["status"] != "ok":
+        echo(f"    {explanation['method']}: {explanation['status']}")
+        return
+    total = float(np.sum(explanation["attributions"]["map"]))
     echo(
         f"    {explanation['method']}: base {explanation['base_value']:+.3f} + map total "
-        f"= {explanation['output']:+.3f} (completeness gap "
-        f"{explanation['completeness_gap']:+.1e}, tolerance {explanation['tolerance']})"
+        f"{total:+.3f} = {explanation['base_value'] + total:+.3f}, model output "
+        f"{explanation['output']:+.3f} (gap {explanation['completeness_gap']:+.1e}, "
+        f"tolerance {explanation['tolerance']})"
     )
 
 
@@ -263,10 +277,10 @@ def _show_prediction(
     for name, value in top:
         shown = labels[name].get(record[name], record[name]) if labels[name] else record[name]
         echo(f"    {value:+.3f}  {name} = {shown}")
-    total = explanation["base_value"] + sum(explanation["attributions"].values())
+    base, summed = explanation["base_value"], sum(explanation["attributions"].values())
     echo(
-        f"    base {explanation['base_value']:+.3f} + attributions = {total:+.4f}"
-        f" = model output {explanation['output']:+.4f}"
+        f"    base {base:+.3f} + attributions {summed:+.3f} = {base + summed:+.4f}, "
+        f"model output {explanation['output']:+.4f}"
     )
 
 

@@ -41,7 +41,9 @@ def test_the_demo_scores_the_held_out_applicants_and_shows_attributions(demo_out
     )
     assert scored, demo_output
     assert int(scored[1]) == 200 and 0.6 < float(scored[2]) <= 1.0
-    assert re.search(r"base [-+][\d.]+ \+ attributions = [-+][\d.]+ = model output", demo_output)
+    assert re.search(
+        r"base [-+][\d.]+ \+ attributions [-+][\d.]+ = [-+][\d.]+, model output", demo_output
+    )
     assert "unknown category   -> 422 unknown_category (records[0].purpose)" in demo_output
     assert "out-of-range value -> 422 out_of_range (records[0].credit_amount)" in demo_output
     assert "unknown API key    -> 401 unauthenticated" in demo_output
@@ -54,18 +56,25 @@ def test_the_demo_prints_the_fairness_table_per_protected_group(demo_output):
     assert re.search(r"disparate impact +[\d.]+, demographic parity diff", demo_output)
 
 
-def test_the_demo_shows_one_answer_from_each_network(demo_output, networks):
+def test_the_demo_shows_answers_from_each_network(demo_output, networks):
     for name, figure in (("pneumonia", "accuracy"), ("engine_failure", "f1")):
         hardened = re.escape(networks[name][-1])
         assert re.search(
             rf"served by {hardened} \(hardened; test {figure} [\d.]+ on \d+", demo_output
         )
-    assert re.search(r"test image \d+ \(truth pneumonia\): (pneumonia|normal) \(p=", demo_output)
+    for truth in ("normal", "pneumonia"):
+        assert re.search(
+            rf"test image \d+ \(truth {truth}\): (pneumonia|normal) \(p=", demo_output
+        )
     assert "a 20x28 array instead -> 422 wrong_shape" in demo_output
-    assert re.search(r"test engine \d+ \(truth fails_within_30\)", demo_output)
-    assert re.search(r"[-+][\d.]+  sensor_\d+ \(all 30 cycles\)", demo_output)
+    for truth in ("fails_within_30", "healthy_30"):
+        assert re.search(
+            rf"test engine \d+, \d+ cycles from failure \(truth {truth}\)", demo_output
+        )
+    assert re.search(r"[-+][\d.]+  sensor_\d+ \(all 30 cycles of engine \d+\)", demo_output)
     assert "a NaN reading instead -> 422 not_finite (records[0][29][0])" in demo_output
-    assert demo_output.count("integrated_gradients: base") == 2
+    assert demo_output.count("integrated_gradients: base") == 4
+    assert len(re.findall(r"\+ map total [-+][\d.]+ = [-+][\d.]+, model output", demo_output)) == 4
 
 
 def test_the_demo_stops_its_server(demo_output):
