@@ -171,6 +171,7 @@ def _query_pneumonia(client: httpx.Client, tag: str, echo: Any) -> None:
     echo("\n== 8. pneumonia: chest X-rays as PNGs, explained as maps")
     echo(_served_version(tag, "accuracy", "images"))
     x, y = load_recipe("pneumonia").test_data()
+    _score_without_explaining(client, "pneumonia", x[:BATCH_ROWS], y[:BATCH_ROWS], "images", echo)
     # The first test image of each class, as they come.
     shown = [int(np.flatnonzero(y == label)[0]) for label in (0, 1)]
     records = [{"png": _png(x[i])} for i in shown]
@@ -191,6 +192,7 @@ def _query_engine(client: httpx.Client, tag: str, echo: Any) -> None:
     echo("\n== 9. engine_failure: the last 30 cycles of two test engines")
     echo(_served_version(tag, "f1", "engines"))
     x, y = recipe.test_data()
+    _score_without_explaining(client, "engine_failure", x, y, "engines", echo)
     rul = recipe.load_test_rul()
     # The engines closest to and furthest from failure (test engines are numbered from 1).
     shown = [int(np.argmin(rul)), int(np.argmax(rul))]
@@ -216,6 +218,21 @@ def _query_engine(client: httpx.Client, tag: str, echo: Any) -> None:
     echo(f"a NaN reading instead -> {bad.status_code} {_error(bad)}")
 
 
+def _score_without_explaining(
+    client: httpx.Client, model: str, x: np.ndarray, y: np.ndarray, unit: str, echo: Any
+) -> None:
+    """Score held-out inputs in batches, attributions off, and say how many were right."""
+    labels = []
+    for start in range(0, len(x), BATCH_ROWS):
+        rows = [row.tolist() for row in x[start : start + BATCH_ROWS]]
+        reply = client.post("/predict", json={"model": model, "records": rows, "explain": False})
+        reply.raise_for_status()
+        labels.extend(p["label"] for p in reply.json()["predictions"])
+    names = {truth: _label(model, truth) for truth in (0, 1)}
+    right = sum(label == names[int(truth)] for label, truth in zip(labels, y, strict=True))
+    echo(f"scored the first {len(x)} test {unit} without attributions: {right} right")
+
+
 def _served_version(tag: str, figure: str, unit: str) -> str:
     """Which version answers, and its held-out figure from the manifest."""
     stored = bentoml.models.get(tag)
@@ -223,7 +240,7 @@ def _served_version(tag: str, figure: str, unit: str) -> str:
     test = manifest.get("figures", {}).get("test", {})
     variant = stored.info.labels.get("variant", "")
     figure_text = f"; test {figure} {test[figure]:.3f} on {test['rows']} {unit}" if test else ""
-    return f"served by {stored.tag} ({variant}{figure_text}); one of them:"
+    return f"served by {stored.tag} (the {variant} version{figure_text})"
 
 
 def _label(model: str, truth: int) -> str:

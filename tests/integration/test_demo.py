@@ -60,8 +60,13 @@ def test_the_demo_shows_answers_from_each_network(demo_output, networks):
     for name, figure in (("pneumonia", "accuracy"), ("engine_failure", "f1")):
         hardened = re.escape(networks[name][-1])
         assert re.search(
-            rf"served by {hardened} \(hardened; test {figure} [\d.]+ on \d+", demo_output
+            rf"served by {hardened} \(the hardened version; test {figure} [\d.]+ on \d+",
+            demo_output,
         )
+    for count, unit in ((50, "images"), (100, "engines")):
+        scored = rf"scored the first {count} test {unit} without attributions: (\d+) right"
+        right = re.search(scored, demo_output)
+        assert right and 0 < int(right[1]) <= count, unit
     for truth in ("normal", "pneumonia"):
         assert re.search(
             rf"test image \d+ \(truth {truth}\): (pneumonia|normal) \(p=", demo_output
