@@ -52,7 +52,7 @@ def credit_model(master_key: vault.FileKeyProvider) -> str:
 
 @pytest.fixture(scope="session")
 def networks(master_key: vault.FileKeyProvider) -> dict[str, list[str]]:
-    """The reference networks, trained fast and wrapped once per test session:
+    """The reference networks, trained fast and wrapped once for the whole test run:
     name -> [standard tag, hardened tag]."""
     from guarded_serving.recipes import engine_failure, pneumonia
 

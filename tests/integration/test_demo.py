@@ -1,7 +1,7 @@
 """The main job, ``guarded-serving demo``, end to end on the reference models.
 
-The models are the session's (the credit-risk recipe and the networks in fast mode),
-sealed with the session's master key, so the demo reuses them instead of training;
+The models are the test run's own (the credit-risk recipe and the networks in fast
+mode), sealed with the test master key, so the demo reuses them instead of training;
 everything after that runs as a user sees it: one server on 127.0.0.1 serving all
 three, real requests, feedback, the fairness table, and the server stopped.
 """

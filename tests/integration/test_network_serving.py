@@ -46,8 +46,8 @@ def client(network_server, api_keys):
         base_url=network_server.url,
         headers={"Authorization": f"Bearer {api_keys['alice']}"},
         timeout=60,
-    ) as session:
-        yield session
+    ) as http:
+        yield http
 
 
 @pytest.fixture(scope="module")
