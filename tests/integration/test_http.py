@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import time
 
 import httpx
 import numpy as np
@@ -383,7 +384,13 @@ def test_a_request_path_cannot_forge_access_log_lines(server):
 
     httpx.get(server.url + "/x%0A" + forged.replace(" ", "%20") + "%1b[31m")
 
-    new_lines = server.log()[logged:].splitlines()
+    # The access log line is written just after the answer is sent: wait for it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        new_lines = server.log()[logged:].splitlines()
+        if any("forged" in line for line in new_lines):
+            break
+        time.sleep(0.1)
     assert not any(line.startswith("2026-01-01") for line in new_lines)
     assert any("\\x0a2026-01-01" in line and "\\x1b" in line for line in new_lines)
 
