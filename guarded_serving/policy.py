@@ -310,6 +310,12 @@ class Policy(_Strict):
     def to_yaml_text(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def renamed(self, name: str | None) -> Policy:
+        """This policy for a model registered as ``name``; itself when ``None``."""
+        if name is None:
+            return self
+        return Policy.model_validate({**self.model_dump(), "model": name})
+
 
 def describe_errors(exc: ValidationError) -> str:
     """Field paths and messages of a validation error, without the input values."""

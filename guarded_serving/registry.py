@@ -76,15 +76,16 @@ class ModelStatus:
         }
 
 
-def open_model(tag: str, provider: vault.KeyProvider) -> LoadedModel:
-    """Open a wrapped model from the BentoML store, decrypting only into memory.
+def open_model(tag: str | bentoml.Model, provider: vault.KeyProvider) -> LoadedModel:
+    """Open a wrapped model from the BentoML store (by tag, or the store's entry
+    itself), decrypting only into memory.
 
     Raises:
         ArtifactError: The master key is wrong or the artifact was changed.
         ConfigError: The sealed policy is invalid.
         bentoml.exceptions.NotFound: No such model in the store.
     """
-    stored = bentoml.models.get(tag)
+    stored = tag if isinstance(tag, bentoml.Model) else bentoml.models.get(tag)
     name, version = stored.tag.name, stored.tag.version
     try:
         with open(stored.path_of(ARTIFACT_FILE), "rb") as fh:
@@ -173,8 +174,7 @@ class ModelRegistry:
                 status.version = stored.tag.version
                 status.registered_at = stored.info.creation_time
                 _refuse_repeats(self._by_name[parsed.name], status)
-            if status.reason is None:
-                self._open(status, provider)
+                self._open(status, stored, provider)
             if not status.ready:
                 logger.error(
                     "model %s not ready: %s", tag, status.reason, extra={"event": "model.failed"}
@@ -183,16 +183,16 @@ class ModelRegistry:
             self._default[name] = _newest(versions)
 
     @staticmethod
-    def _open(status: ModelStatus, provider: vault.KeyProvider | None) -> None:
+    def _open(
+        status: ModelStatus, stored: bentoml.Model, provider: vault.KeyProvider | None
+    ) -> None:
         if provider is None:
             status.reason = "no master key configured"
             return
         try:
-            model = open_model(f"{status.name}:{status.version}", provider)
+            model = open_model(stored, provider)
         except GuardedServingError as exc:
             status.reason = exc.message
-        except bentoml.exceptions.NotFound:
-            status.reason = "not found in the model store"
         except Exception as exc:  # noqa: BLE001 - one broken model must not stop the rest
             status.reason = f"cannot be loaded ({exc.__class__.__name__})"
             logger.exception(

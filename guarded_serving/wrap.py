@@ -214,9 +214,7 @@ def wrap_file(
         name: Register under this name instead of the policy's ``model``.
     """
     model_path = Path(model_path)
-    policy = Policy.from_file(policy_path)
-    if name is not None:
-        policy = Policy.model_validate({**policy.model_dump(), "model": name})
+    policy = Policy.from_file(policy_path).renamed(name)
     kind, options = detect_kind(model_path, trust=trust)
     module = Path(torch_module_path).read_bytes() if torch_module_path else None
     return wrap_model(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
+import time
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,6 +18,30 @@ logger = logging.getLogger(__name__)
 
 FAILED = "failed"
 """Status of the rows of an explainer that raised."""
+SKIPPED_TIME_BUDGET = "skipped_time_budget"
+"""Status of the rows left when an explainer's time ran out."""
+
+
+def skipped(
+    method: str, base_value: float, output_space: str, tolerance: float, details: dict[str, Any]
+) -> Explanation:
+    """A row answered without attributions because the explainer's time ran out."""
+    return Explanation(
+        method=method,
+        base_value=base_value,
+        attributions={},
+        output_space=output_space,
+        tolerance=tolerance,
+        details=details,
+        status=SKIPPED_TIME_BUDGET,
+    )
+
+
+def explain_until(time_budget_ms: int, deadline_s: float | None) -> float:
+    """The ``time.monotonic()`` instant an explainer stops at: its own budget from
+    now, or the request's deadline if that comes first."""
+    own = time.monotonic() + time_budget_ms / 1000.0
+    return own if deadline_s is None else min(own, deadline_s)
 
 
 class Explainer(Protocol):
@@ -81,6 +107,5 @@ class ExplainStage:
             explanations = [failed] * len(request.inputs)
         request.explanations = explanations
         if self.counter is not None:
-            for status in {e.status for e in explanations}:
-                count = sum(e.status == status for e in explanations)
+            for status, count in collections.Counter(e.status for e in explanations).items():
                 self.counter.add(count, {"model": model.name, "status": status})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from guarded_serving.encoding import TabularEncoder, TensorEncoder
-from guarded_serving.explain.base import describe_background
+from guarded_serving.explain.base import describe_background, explain_until, skipped
 from guarded_serving.explain.maps import report_for
 from guarded_serving.policy import GradientPolicy
 from guarded_serving.runtimes.base import ModelInput
@@ -82,9 +82,7 @@ class IntegratedGradientsExplainer:
     def explain(self, inputs: ModelInput, deadline_s: float | None = None) -> list[Explanation]:
         x = torch.from_numpy(np.ascontiguousarray(inputs.matrix, dtype=np.float32))
         logits = self._logits(x)
-        deadline = time.monotonic() + self.time_budget_ms / 1000.0
-        if deadline_s is not None:
-            deadline = min(deadline, deadline_s)
+        deadline = explain_until(self.time_budget_ms, deadline_s)
         details = {
             "background": self.background,
             "steps": self.steps,
@@ -93,7 +91,9 @@ class IntegratedGradientsExplainer:
         result = []
         for row in range(len(inputs)):
             if time.monotonic() > deadline:
-                result.append(self._skipped(details))
+                result.append(
+                    skipped(METHOD, self._base, self.output_space, self.tolerance, details)
+                )
                 continue
             columns = self._attribute(x[row])
             gap = float(logits[row] - self._base - columns.sum())
@@ -131,14 +131,3 @@ class IntegratedGradientsExplainer:
     def _logits(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return self.forward(x).double().numpy()
-
-    def _skipped(self, details: dict[str, Any]) -> Explanation:
-        return Explanation(
-            method=METHOD,
-            base_value=self._base,
-            attributions={},
-            output_space=self.output_space,
-            tolerance=self.tolerance,
-            details=details,
-            status="skipped_time_budget",
-        )

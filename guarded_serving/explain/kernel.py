@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 
 from guarded_serving.encoding import TabularEncoder
-from guarded_serving.explain.base import describe_background
+from guarded_serving.explain.base import describe_background, explain_until, skipped
 from guarded_serving.policy import KernelShapPolicy
 from guarded_serving.runtimes.base import ModelInput, Runtime
 from guarded_serving.types import Explanation
@@ -67,15 +67,13 @@ class KernelShapExplainer:
 
     def explain(self, inputs: ModelInput, deadline_s: float | None = None) -> list[Explanation]:
         codes = self.encoder.to_codes(inputs.records)
-        deadline = time.monotonic() + self.budget.time_budget_ms / 1000.0
-        if deadline_s is not None:
-            deadline = min(deadline, deadline_s)
+        deadline = explain_until(self.budget.time_budget_ms, deadline_s)
         details = {"samples": self.budget.samples, "background": self.background,
                    "time_budget_ms": self.budget.time_budget_ms}  # fmt: skip
         out: list[Explanation] = []
         for row in range(len(inputs)):
             if time.monotonic() > deadline:
-                out.append(self._skipped(details))
+                out.append(skipped(METHOD, self._base, self.output_space, TOLERANCE, details))
                 continue
             values = self._shap_values(codes[row : row + 1])
             values = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -102,14 +100,3 @@ class KernelShapExplainer:
                 return self._explainer.shap_values(row, nsamples=self.budget.samples, silent=True)
             finally:
                 np.random.set_state(state)
-
-    def _skipped(self, details: dict) -> Explanation:
-        return Explanation(
-            method=METHOD,
-            base_value=self._base,
-            attributions={},
-            output_space=self.output_space,
-            tolerance=TOLERANCE,
-            details=details,
-            status="skipped_time_budget",
-        )

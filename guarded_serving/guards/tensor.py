@@ -110,11 +110,9 @@ class TensorCheck:
                 field, "unsupported_image", "expected a greyscale PNG of 8 or 16 bits"
             )
 
-        pixels = _decode_grey(data, self.shape)
-        if pixels is None:
-            return None, InvalidInput(field, "not_png", "expected a PNG image")
-        if isinstance(pixels, str):
-            return None, InvalidInput(field, "unsupported_image", pixels)
+        pixels, problem = _decode_grey(field, data, self.shape)
+        if problem is not None:
+            return None, problem
         scale = 255.0 / _GREY_FULL_SCALE[depth] / self.spec.png_scale
         return self._values(where, pixels * scale)
 
@@ -128,19 +126,23 @@ def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
     return width, height, depth, colour
 
 
-def _decode_grey(data: bytes, shape: tuple[int, ...]) -> np.ndarray | str | None:
-    """The grey levels of a PNG whose header was checked; the reason to refuse it, or
-    ``None`` when the decoder cannot read it."""
+def _decode_grey(
+    field: str, data: bytes, shape: tuple[int, ...]
+) -> tuple[np.ndarray | None, InvalidInput | None]:
+    """The grey levels of a PNG whose header was checked, or why it is refused."""
     from PIL import Image
 
+    not_png = InvalidInput(field, "not_png", "expected a PNG image")
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
             if getattr(image, "is_animated", False):
-                return "expected a single image, not an animation"
+                return None, InvalidInput(
+                    field, "unsupported_image", "expected a single image, not an animation"
+                )
             pixels = np.asarray(image, dtype=np.float64)
     except Exception:  # noqa: BLE001 - a decoder's every failure on untrusted bytes is a bad image
-        return None
-    return pixels if pixels.shape == shape else None
+        return None, not_png
+    return (pixels, None) if pixels.shape == shape else (None, not_png)
 
 
 def _first_misfit(where: str, value: Any, shape: tuple[int, ...]) -> InvalidInput | None:

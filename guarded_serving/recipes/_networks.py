@@ -13,7 +13,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -245,14 +244,6 @@ def sample(rows: int, size: int | None, seed: int) -> np.ndarray:
     if size is None or size >= rows:
         return np.arange(rows)
     return np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
-
-
-def recipe_policy(path: Path, name: str | None) -> Policy:
-    """The recipe's policy, renamed to ``name`` when one is given."""
-    policy = Policy.from_file(path)
-    if name is None:
-        return policy
-    return Policy.model_validate({**policy.model_dump(), "model": name})
 
 
 def wrap_variants(

@@ -116,9 +116,7 @@ def run(provider: vault.KeyProvider, *, echo=print, name: str | None = None) -> 
         echo: Where the figures are printed.
         name: Register under this name instead of ``credit_risk``.
     """
-    policy = Policy.from_file(POLICY_FILE)
-    if name is not None:
-        policy = Policy.model_validate({**policy.model_dump(), "model": name})
+    policy = Policy.from_file(POLICY_FILE).renamed(name)
     frame = load_german_credit()
     train_split, val_split, test_split = split(frame, policy)
     booster = train(policy, train_split, val_split)

@@ -31,6 +31,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from guarded_serving import vault
+from guarded_serving.policy import Policy
 from guarded_serving.recipes import _networks
 from guarded_serving.robustness import AdversarialBatches, evaluate_robustness, logits
 
@@ -461,7 +462,7 @@ def run(
     Returns:
         The registered tags, standard first.
     """
-    policy = _networks.recipe_policy(POLICY_FILE, name)
+    policy = Policy.from_file(POLICY_FILE).renamed(name)
     trained = train_all(fast=fast, echo=echo)
     return _networks.wrap_variants(policy, trained, VARIANTS, provider, seed=SEED, echo=echo)
 
